@@ -1,0 +1,7 @@
+"""This project's DoRA for PEFT: ``get_peft_model(model, DoraConfig(...))`` builds its layers."""
+
+from .config import DoraConfig
+from .layer import DoraLinear, DoraVariant, invalidate_norm_caches
+from .norm import dora_weight_norm
+
+__all__ = ["DoraConfig", "DoraLinear", "DoraVariant", "dora_weight_norm", "invalidate_norm_caches"]

@@ -1,0 +1,214 @@
+"""This project's DoRA layer, plugged into PEFT's LoRA ``Linear`` as a LoRA variant.
+
+PEFT keeps target matching, wrapping, saving and merging; this module supplies the DoRA maths:
+the closed-form norm (``norm.py``), the fused output (``function.py``), the norm cache and merging.
+The magnitude lives where upstream PEFT keeps it (``lora_magnitude_vector[adapter].weight``), so
+checkpoints are interchangeable with upstream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from peft.tuners.lora import LoraConfig
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.lora.layer import LoraVariant
+from torch import nn
+
+from .function import DoraCombine
+from .norm import dora_weight_norm, row_sq_norm
+
+_optimizer_generation = 0
+
+
+def _bump_generation(*_args: Any, **_kwargs: Any) -> None:
+    global _optimizer_generation
+    _optimizer_generation += 1
+
+
+# Any optimizer step may change A or B, also when the step bypasses the version counters of the
+# module's parameters (DeepSpeed updates partitions and copies them back through `.data`).
+register_optimizer_step_post_hook(_bump_generation)
+
+
+def invalidate_norm_caches() -> None:
+    """Force every DoRA layer to recompute its norm at the next forward.
+
+    Call after changing adapter weights by a path that neither steps a torch optimizer nor
+    writes the parameters in place (for example assigning ``param.data`` under ZeRO-3).
+    """
+    _bump_generation()
+
+
+def _param_key(p: torch.Tensor) -> tuple[int, int]:
+    # Under ZeRO-3 the full tensor is re-gathered into fresh memory; the partition is what persists.
+    t = getattr(p, "ds_tensor", None)
+    t = p if t is None else t
+    return (t.data_ptr(), t._version)
+
+
+def _gathered(*params: torch.Tensor):
+    """Gather ZeRO-3 partitioned parameters for reading (a no-op otherwise)."""
+    params = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+class DoraMagnitude(nn.Module):
+    """Holds m (shape [out]) and applies the DoRA output combination.
+
+    The combination runs inside this module's forward so that ZeRO-3 gathers m around it.
+    """
+
+    def __init__(self, magnitude: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+    def forward(self, result, lora, base_d, inv_norm, bias, scaling):
+        return DoraCombine.apply(result, lora, base_d, self.weight, inv_norm, bias, scaling)
+
+
+def _base_weight(module: DoraLinear) -> torch.Tensor:
+    """W0 as out x in (a view; transposed back for fan_in_fan_out layers)."""
+    weight = module.get_base_layer().weight
+    return weight.t() if module.fan_in_fan_out else weight
+
+
+def weight_norm(module: DoraLinear, adapter: str) -> torch.Tensor:
+    """||W0 + sBA||_row in float32, reused while W0, A, B and s are unchanged."""
+    base = module.get_base_layer()
+    lora_A = module.lora_A[adapter].weight
+    lora_B = module.lora_B[adapter].weight
+    scaling = module.scaling[adapter]
+    key = (
+        _optimizer_generation,
+        _param_key(base.weight),
+        _param_key(lora_A),
+        _param_key(lora_B),
+        float(scaling),
+        base.weight.dtype,
+        lora_A.dtype,
+        lora_A.device,
+    )
+    cached = module._dora_norm_cache.get(adapter)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with _gathered(base.weight, lora_A, lora_B):
+        weight = _base_weight(module)
+        sq_key = (_param_key(base.weight), weight.dtype, weight.device)
+        sq = module._dora_norm_cache.get("__w0_sq__")
+        if sq is None or sq[0] != sq_key:
+            sq = (sq_key, row_sq_norm(weight))
+            module._dora_norm_cache["__w0_sq__"] = sq
+        norm = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sq_norm=sq[1])
+    module._dora_norm_cache[adapter] = (key, norm)
+    return norm
+
+
+class DoraVariant(LoraVariant):
+    """DoRA as a PEFT LoRA variant (static methods, PEFT's variant interface)."""
+
+    def supports_lora_conversion(self) -> bool:
+        return False
+
+    @staticmethod
+    def init(module: DoraLinear, adapter_name: str, **kwargs: Any) -> None:
+        lora_A = module.lora_A[adapter_name].weight
+        if getattr(module, "_dora_magnitude_only", {}).get(adapter_name):
+            with torch.no_grad():
+                module.lora_A[adapter_name].weight.zero_()
+        norm = weight_norm(module, adapter_name)
+        module.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.to(device=lora_A.device, dtype=lora_A.dtype))
+
+    @staticmethod
+    def _factor(module: DoraLinear, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m / n as a column, n) for merging, both float32."""
+        norm = weight_norm(module, adapter)
+        magnitude = module.lora_magnitude_vector[adapter].weight.detach().float()
+        return (magnitude / norm).unsqueeze(1), norm
+
+    @staticmethod
+    def _merged(module: DoraLinear, adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        factor, norm = DoraVariant._factor(module, adapter)
+        module._cache_store(f"{adapter}-dora-norm", norm)
+        delta = module.get_delta_weight(adapter).float()
+        weight = orig_weight.float()
+        if module.fan_in_fan_out:
+            return (factor.t() * (weight + delta)).to(orig_weight.dtype)
+        return (factor * (weight + delta)).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_safe(module: DoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return DoraVariant._merged(module, active_adapter, orig_weight)
+
+    @staticmethod
+    def merge_unsafe(module: DoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data = DoraVariant._merged(module, active_adapter, orig_weight.data)
+
+    @staticmethod
+    def unmerge(module: DoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        norm = module._cache_pop(f"{active_adapter}-dora-norm")
+        magnitude = module.lora_magnitude_vector[active_adapter].weight.detach().float()
+        factor = (magnitude / norm).unsqueeze(1)
+        if module.fan_in_fan_out:
+            factor = factor.t()
+        delta = module.get_delta_weight(active_adapter).float()
+        return (orig_weight.data.float() / factor - delta).to(orig_weight.dtype)
+
+    @staticmethod
+    def forward(module: DoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any):
+        base = module.get_base_layer()
+        dropout = module.lora_dropout[active_adapter]
+        if isinstance(dropout, nn.Identity) or not module.training:
+            x_d, base_d = x, None
+        else:
+            x_d = dropout(x)
+            base_d = base(x_d.to(result.dtype))
+            if base.bias is not None:
+                base_d = base_d - base.bias
+        magnitude_only = getattr(module, "_dora_magnitude_only", {}).get(active_adapter, False)
+        lora = None if magnitude_only else module.lora_B[active_adapter](module.lora_A[active_adapter](x_d))
+        inv_norm = weight_norm(module, active_adapter).reciprocal()
+        bias = base.bias.detach() if base.bias is not None else None
+        return module.lora_magnitude_vector[active_adapter](
+            result, lora, base_d, inv_norm, bias, module.scaling[active_adapter]
+        )
+
+
+class DoraLinear(LoraLinear):
+    """PEFT's LoRA ``Linear`` whose DoRA variant is this project's."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> None:
+        self._dora_norm_cache = {}
+        self._dora_magnitude_only = {}
+        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+
+    @property
+    def lora_variants(self):
+        return {(): None, ("use_dora",): DoraVariant}
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs: Any) -> None:
+        target_name = kwargs.get("target_name", "")
+        is_magnitude_only = getattr(config, "is_magnitude_only", None)
+        if is_magnitude_only is not None and is_magnitude_only(target_name):
+            # Magnitude-only (the seed's `wdecompose_target_modules`): y = (m / ||W0||) * W0 x + b.
+            # A rank-1 A and B, both zero and frozen, keep the checkpoint loadable by upstream PEFT.
+            self._dora_magnitude_only[adapter_name] = True
+            r = 1
+            config.rank_pattern[re.escape(target_name)] = 1
+        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        if self._dora_magnitude_only.get(adapter_name):
+            for holder in (self.lora_A[adapter_name], self.lora_B[adapter_name]):
+                weight = holder.weight
+                del holder.weight
+                holder.register_buffer("weight", torch.zeros_like(weight.data))
+
+    def __repr__(self) -> str:
+        return "dora." + super().__repr__()

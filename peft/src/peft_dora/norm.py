@@ -1,0 +1,57 @@
+"""Row norms of W0 + s * B @ A without building the out x in matrix.
+
+||W0 + sBA||_row^2 = ||W0||_row^2 + 2s * rowsum(B * (W0 A^T)) + s^2 * rowsum((B (A A^T)) * B)
+
+The largest temporaries are out x r and r x r. Everything is accumulated in float32 whatever the
+dtype of W0, because the norm divides the magnitude and its rounding error is felt by every output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows of a low-precision W0 converted to float32 at a time: bounds the temporary to ~64 MiB.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _row_chunks(weight: torch.Tensor):
+    rows = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    for start in range(0, weight.shape[0], rows):
+        yield weight[start : start + rows].float()
+
+
+def row_sq_norm(weight: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm of each row of ``weight`` (out x in), in float32."""
+    if weight.dtype == torch.float32:
+        return torch.linalg.vector_norm(weight, dim=1).square()
+    return torch.cat([torch.linalg.vector_norm(chunk, dim=1).square() for chunk in _row_chunks(weight)])
+
+
+def weight_times_at(weight: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+    """W0 @ A^T (out x r) in float32."""
+    a_t = lora_A.float().t()
+    if weight.dtype == torch.float32:
+        return weight @ a_t
+    return torch.cat([chunk @ a_t for chunk in _row_chunks(weight)])
+
+
+@torch.no_grad()
+def dora_weight_norm(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    weight_sq_norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Row norms of ``weight + scaling * lora_B @ lora_A`` (float32, detached).
+
+    ``weight`` is W0 as out x in; ``weight_sq_norm`` may pass the constant ||W0||_row^2.
+    """
+    if weight_sq_norm is None:
+        weight_sq_norm = row_sq_norm(weight)
+    a = lora_A.float()
+    b = lora_B.float()
+    cross = (b * weight_times_at(weight, a)).sum(dim=1)
+    quad = ((b @ (a @ a.t())) * b).sum(dim=1)
+    sq = weight_sq_norm + (2.0 * scaling) * cross + (scaling * scaling) * quad
+    return sq.clamp_min(0.0).sqrt()

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Create .venv at the repository root and install llava and peft-dora into it (editable),
+# with the pinned releases below. Idempotent: a second run only checks and returns.
+#   bash scripts/setup.sh            CPU / default install
+#   EXTRAS=gpu bash scripts/setup.sh  also flash-attn and bitsandbytes (needs CUDA)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3}"
+STAMP="$VENV/.setup-stamp"
+# The stamp records what was installed; it changes whenever the pins or the project metadata do.
+WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/peft/pyproject.toml" "$ROOT/scripts/setup.sh" | sha256sum | cut -c1-16)${EXTRAS:+-$EXTRAS}"
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$VENV/bin/python" -c "import llava, peft_dora" 2>/dev/null; then
+  echo "setup: .venv is up to date"
+  exit 0
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+pip_install() {
+  # pip's notes about this machine's local package folders are noise; its errors are not.
+  set +e
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored: it is neither"
+  local rc=${PIPESTATUS[0]}
+  set -e
+  return "$rc"
+}
+echo "setup: installing torch (CPU build where it lies on disk) and the pinned libraries"
+pip_install "torch==2.13.0"
+echo "setup: installing llava and peft-dora (editable)"
+pip_install -e "$ROOT/peft" -e "$ROOT[test]"
+if [ "${EXTRAS:-}" = "gpu" ]; then
+  echo "setup: installing the GPU extras (flash-attn, bitsandbytes)"
+  pip_install -e "$ROOT[gpu]" --no-build-isolation
+fi
+echo "$WANT" > "$STAMP"
+echo "setup: done ($("$VENV/bin/python" -c 'import torch, transformers, peft, deepspeed; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, deepspeed {deepspeed.__version__}")' 2>/dev/null))"
