@@ -1,0 +1,315 @@
+"""The DoRA layer against a float64 reference formula and against upstream PEFT's DoRA."""
+
+import copy
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+import peft_dora
+from peft_dora import DoraConfig, dora_weight_norm
+from peft_dora.layer import DoraLinear
+
+
+class TwoLayers(nn.Module):
+    def __init__(self, d_in=12, d_hidden=20, d_out=7):
+        super().__init__()
+        self.up = nn.Linear(d_in, d_hidden, bias=True)
+        self.down = nn.Linear(d_hidden, d_out, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+class FixedMask(nn.Module):
+    """A deterministic stand-in for dropout: multiplies by a fixed 0/2 mask (p = 0.5)."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return x * self.mask
+
+
+def randomise(model, scale=0.3):
+    """Give A, B and m random values so that every term of the formula matters."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn_like(p) * scale)
+            elif "lora_magnitude_vector" in name:
+                p.copy_(p * (1 + 0.5 * torch.rand_like(p)))
+
+
+def reference_linear(x, layer: DoraLinear, adapter="default", mask=None):
+    """The paper's forward in float64, written out term by term (norm as a constant)."""
+    base = layer.get_base_layer()
+    w0 = base.weight.detach().double()
+    b = base.bias.detach().double() if base.bias is not None else torch.zeros(w0.shape[0], dtype=torch.float64)
+    a = layer.lora_A[adapter].weight.detach().double()
+    bb = layer.lora_B[adapter].weight.detach().double()
+    m = layer.lora_magnitude_vector[adapter].weight.detach().double()
+    s = layer.scaling[adapter]
+    n = torch.linalg.norm(w0 + s * bb @ a, dim=1)
+    x = x.double()
+    x_d = x if mask is None else x * mask.double()
+    return x @ w0.T + b + (m / n - 1) * (x_d @ w0.T) + (m / n) * s * (x_d @ a.T @ bb.T)
+
+
+def dora_model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    base = TwoLayers()
+    cfg = dict(r=4, lora_alpha=8, target_modules=["up", "down"])
+    cfg.update(kwargs)
+    return base, get_peft_model(copy.deepcopy(base), DoraConfig(**cfg))
+
+
+def test_layers_are_this_projects():
+    _, model = dora_model()
+    layers = [m for m in model.modules() if isinstance(m, DoraLinear)]
+    assert len(layers) == 2
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_forward_equals_float64_reference(use_rslora):
+    _, model = dora_model(use_rslora=use_rslora)
+    randomise(model)
+    layer = model.base_model.model.up
+    assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(4) if use_rslora else 8 / 4)
+    x = torch.randn(3, 5, 12)
+    model.eval()
+    torch.testing.assert_close(layer(x).double(), reference_linear(x, layer), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_with_dropout_equals_reference():
+    _, model = dora_model(lora_dropout=0.5)
+    randomise(model)
+    layer = model.base_model.model.up
+    mask = (torch.rand(3, 5, 12) > 0.5).float() * 2
+    layer.lora_dropout["default"] = FixedMask(mask)
+    model.train()
+    x = torch.randn(3, 5, 12)
+    torch.testing.assert_close(layer(x).double(), reference_linear(x, layer, mask=mask), rtol=1e-5, atol=1e-5)
+    # In eval mode dropout is off, and so is the extra W0 x_d term.
+    model.eval()
+    torch.testing.assert_close(layer(x).double(), reference_linear(x, layer), rtol=1e-5, atol=1e-5)
+
+
+def test_init_equals_base_model():
+    base, model = dora_model()
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(model(x), base(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_outputs_and_gradients_match_upstream_peft(dropout):
+    base, ours = dora_model(lora_dropout=dropout)
+    upstream = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], use_dora=True, lora_dropout=dropout)
+    )
+    randomise(ours)
+    upstream.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 5, 12)
+    if dropout:
+        for name in ("up", "down"):
+            d_in = 12 if name == "up" else 20
+            mask = (torch.rand(3, 5, d_in) > 0.5).float() * 2
+            for m in (ours, upstream):
+                getattr(m.base_model.model, name).lora_dropout["default"] = FixedMask(mask)
+    ours.train()
+    upstream.train()
+    g = torch.randn(3, 5, 7)
+    y_ours, y_up = ours(x), upstream(x)
+    torch.testing.assert_close(y_ours, y_up, rtol=1e-5, atol=1e-5)
+    (y_ours * g).sum().backward()
+    (y_up * g).sum().backward()
+    grads_up = dict(upstream.named_parameters())
+    n_checked = 0
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name
+            torch.testing.assert_close(p.grad, grads_up[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+            n_checked += 1
+    assert n_checked == 6  # A, B and m of two layers
+
+
+def test_gradients_equal_float64_reference_with_detached_norm():
+    _, model = dora_model()
+    randomise(model)
+    layer = model.base_model.model.up
+    x = torch.randn(6, 12)
+    g = torch.randn(6, 20)
+    (layer(x) * g).sum().backward()
+
+    a = layer.lora_A["default"].weight.detach().double().requires_grad_()
+    b = layer.lora_B["default"].weight.detach().double().requires_grad_()
+    m = layer.lora_magnitude_vector["default"].weight.detach().double().requires_grad_()
+    w0 = layer.get_base_layer().weight.detach().double()
+    bias = layer.get_base_layer().bias.detach().double()
+    s = layer.scaling["default"]
+    v = w0 + s * b @ a
+    n = torch.linalg.norm(v, dim=1).detach()  # the paper: no gradient through the norm
+    y = (m / n) * (x.double() @ v.T) + bias
+    (y * g.double()).sum().backward()
+    torch.testing.assert_close(layer.lora_A["default"].weight.grad.double(), a.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(layer.lora_B["default"].weight.grad.double(), b.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(layer.lora_magnitude_vector["default"].weight.grad.double(), m.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_closed_form_norm_equals_direct_norm_float64():
+    torch.manual_seed(1)
+    w0, a, b = torch.randn(50, 40, dtype=torch.float64), torch.randn(6, 40, dtype=torch.float64), torch.randn(50, 6, dtype=torch.float64)
+    direct = torch.linalg.norm(w0 + 0.7 * b @ a, dim=1)
+    closed = dora_weight_norm(w0.float(), a.float(), b.float(), 0.7)
+    assert closed.dtype == torch.float32
+    torch.testing.assert_close(closed.double(), direct, rtol=2e-6, atol=0)
+
+
+def test_closed_form_norm_is_accurate_for_bf16_weights():
+    torch.manual_seed(2)
+    w0 = (torch.randn(64, 256) * 0.02).bfloat16()
+    a = (torch.randn(16, 256) * 0.05).bfloat16()
+    b = (torch.randn(64, 16) * 0.01).bfloat16()
+    s = 2.0
+    exact = torch.linalg.norm(w0.double() + s * b.double() @ a.double(), dim=1)
+    closed = dora_weight_norm(w0, a, b, s)
+    assert closed.dtype == torch.float32
+    # float32 accumulation: far below bf16's own resolution (2**-8).
+    assert ((closed.double() - exact).abs() / exact).max() < 1e-5
+    naive_bf16 = torch.linalg.norm(w0 + s * b @ a, dim=1)  # upstream-style, in the compute dtype
+    assert ((naive_bf16.double() - exact).abs() / exact).max() > ((closed.double() - exact).abs() / exact).max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_forward_and_backward(dtype):
+    _, model = dora_model()
+    randomise(model)
+    model.to(dtype)
+    layer = model.base_model.model.up
+    x = torch.randn(4, 12)
+    y = layer(x.to(dtype))
+    assert y.dtype == dtype
+    ref = reference_linear(x.to(dtype), layer)
+    torch.testing.assert_close(y.double(), ref, rtol=3e-2, atol=3e-2)
+    y.float().sum().backward()
+    grads = [p.grad for p in layer.parameters() if p.requires_grad]
+    assert len(grads) == 3 and all(g is not None and g.dtype == dtype and torch.isfinite(g).all() for g in grads)
+
+
+def test_merge_unmerge_and_unload():
+    base, model = dora_model()
+    randomise(model)
+    model.eval()
+    x = torch.randn(5, 12)
+    unmerged = model(x)
+    w0 = model.base_model.model.up.get_base_layer().weight.detach().clone()
+    model.merge_adapter()
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(model.base_model.model.up.get_base_layer().weight, w0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
+    merged = model.merge_and_unload()
+    assert isinstance(merged.up, nn.Linear) and not isinstance(merged.up, DoraLinear)
+    torch.testing.assert_close(merged(x), unmerged, rtol=1e-5, atol=1e-5)
+    # The merged weight is (m / ||W0 + sBA||) * (W0 + sBA), row by row.
+    layer = dora_model()[1]
+    randomise(layer)
+    up = layer.base_model.model.up
+    a, b = up.lora_A["default"].weight.double(), up.lora_B["default"].weight.double()
+    m = up.lora_magnitude_vector["default"].weight.double()
+    v = up.get_base_layer().weight.double() + up.scaling["default"] * b @ a
+    expected = (m / torch.linalg.norm(v, dim=1))[:, None] * v
+    torch.testing.assert_close(layer.merge_and_unload().up.weight.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_magnitude_only_modules():
+    torch.manual_seed(3)
+    base = TwoLayers()
+    model = get_peft_model(copy.deepcopy(base), DoraConfig(r=4, lora_alpha=8, target_modules=["up"], wdecompose_target_modules=["down"]))
+    down = model.base_model.model.down
+    assert isinstance(down, DoraLinear)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("down.lora_magnitude_vector" in n for n in trainable)
+    assert not any("down.lora_A" in n or "down.lora_B" in n for n in trainable)
+    x = torch.randn(4, 20)
+    torch.testing.assert_close(down(x), base.down(x), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        down.lora_magnitude_vector["default"].weight.mul_(torch.linspace(0.5, 2.0, 7))
+    w0 = base.down.weight.double()
+    m = down.lora_magnitude_vector["default"].weight.double()
+    expected = (m / torch.linalg.norm(w0, dim=1)) * (x.double() @ w0.T)
+    torch.testing.assert_close(down(x).double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    assert model.peft_config["default"].is_magnitude_only("down")
+    assert not model.peft_config["default"].is_magnitude_only("up")
+
+
+class CountingNorm:
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = peft_dora.layer.dora_weight_norm
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(peft_dora.layer, "dora_weight_norm", counted)
+
+
+def test_norm_is_reused_across_accumulation_and_recomputed_after_a_step(monkeypatch):
+    _, model = dora_model()
+    randomise(model)
+    counter = CountingNorm(monkeypatch)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(4):  # gradient accumulation micro-steps: A and B unchanged
+        model(torch.randn(3, 12)).square().sum().backward()
+    assert counter.calls == 2  # once per layer
+    opt.step()
+    x = torch.randn(3, 12)
+    layer = model.base_model.model.up
+    torch.testing.assert_close(layer(x).double(), reference_linear(x, layer), rtol=1e-5, atol=1e-5)
+    assert counter.calls == 3
+
+
+def test_norm_never_stale_after_load_merge_unmerge_or_data_swap():
+    _, model = dora_model()
+    randomise(model)
+    layer = model.base_model.model.up
+    model.eval()
+    x = torch.randn(3, 12)
+    layer(x)  # fills the cache
+    # A load of new adapter weights.
+    other = dora_model(seed=5)[1]
+    randomise(other, scale=0.5)
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(layer(x).double(), reference_linear(x, layer), rtol=1e-5, atol=1e-5)
+    # A merge, then an unmerge.
+    model.merge_adapter()
+    model.unmerge_adapter()
+    torch.testing.assert_close(layer(x).double(), reference_linear(x, layer), rtol=1e-5, atol=1e-5)
+    # A parameter whose data is replaced (not written in place).
+    layer.lora_B["default"].weight.data = torch.randn_like(layer.lora_B["default"].weight)
+    torch.testing.assert_close(layer(x).double(), reference_linear(x, layer), rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpoint_recomputation_reuses_the_norm(monkeypatch):
+    from torch.utils.checkpoint import checkpoint
+
+    _, model = dora_model()
+    randomise(model)
+    counter = CountingNorm(monkeypatch)
+    model.train()
+    x = torch.randn(3, 12, requires_grad=True)
+    out = checkpoint(model, x, use_reentrant=False)
+    out.square().sum().backward()
+    assert counter.calls == 2
+
+
+def test_bad_configurations_get_clear_errors():
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        DoraConfig(r=0, target_modules=["up"])
+    with pytest.raises(ValueError, match="nonexistent"):
+        get_peft_model(TwoLayers(), DoraConfig(r=2, target_modules=["nonexistent"]))
