@@ -1,0 +1,160 @@
+"""``load_pretrained_model``: full LLaVA models, projector-only checkpoints, and LoRA / DoRA adapters.
+
+An adapter folder (``adapter_config.json``) is loaded onto ``model_base`` and merged for inference.
+Both the upstream PEFT format and the seed's DoRA format are read; DoRA magnitudes are restored
+from wherever the checkpoint keeps them (see ``peft_dora.load_dora_adapter``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_non_lora_trainables(model_path: str) -> dict[str, torch.Tensor]:
+    """The trainables saved beside an adapter (projector weights), keys relative to the LLaVA model."""
+    folder = Path(model_path)
+    if (folder / "non_lora_trainables.safetensors").exists():
+        from safetensors.torch import load_file
+
+        state = load_file(str(folder / "non_lora_trainables.safetensors"))
+    elif (folder / "non_lora_trainables.bin").exists():
+        state = torch.load(folder / "non_lora_trainables.bin", map_location="cpu", weights_only=True)
+    else:
+        return {}
+    stripped = {}
+    for key, value in state.items():
+        if "weight_m_wdecomp" in key or "lora_magnitude_vector" in key:
+            continue  # DoRA magnitudes: restored by the adapter loader
+        key = key.removeprefix("base_model.").removeprefix("model.") if key.startswith("base_model.") else key
+        stripped[key] = value
+    return stripped
+
+
+def _is_adapter(model_path: str) -> bool:
+    return os.path.exists(os.path.join(model_path, "adapter_config.json"))
+
+
+def load_pretrained_model(
+    model_path: str,
+    model_base: str | None,
+    model_name: str | None = None,
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    device_map: str | dict | None = None,
+    device: str | None = None,
+    use_flash_attn: bool = False,
+    missing_magnitudes: str = "error",
+    torch_dtype: torch.dtype | None = None,
+    **kwargs,
+):
+    """Returns (tokenizer, model, image_processor, context_len), as the original LLaVA builder.
+
+    ``missing_magnitudes="weight_norm"`` reproduces the seed loader for DoRA checkpoints whose
+    magnitudes cannot be found (it silently used m = ||W0||); the default refuses such checkpoints.
+    """
+    device = device or default_device()
+    if torch_dtype is None:
+        torch_dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    kwargs = {"torch_dtype": torch_dtype, **kwargs}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if load_8bit or load_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=load_8bit,
+            load_in_4bit=load_4bit,
+            bnb_4bit_compute_dtype=torch.float16,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_quant_type="nf4",
+        )
+    if use_flash_attn:
+        kwargs["attn_implementation"] = "flash_attention_2"
+
+    if _is_adapter(model_path):
+        if model_base is None:
+            raise ValueError(
+                f"{model_path} holds an adapter (adapter_config.json) but no --model-base was given: "
+                "pass the base language model, e.g. lmsys/vicuna-7b-v1.5."
+            )
+        model, tokenizer = _load_adapter_model(model_path, model_base, missing_magnitudes, kwargs)
+    elif model_base is not None:
+        logger.info("Loading the language model from %s and the projector from %s", model_base, model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_base)
+        config = LlavaConfig.from_pretrained(model_path)
+        model = LlavaLlamaForCausalLM.from_pretrained(model_base, config=config, **kwargs)
+        projector = torch.load(os.path.join(model_path, "mm_projector.bin"), map_location="cpu", weights_only=True)
+        projector = {k: v.to(torch_dtype) for k, v in projector.items()}
+        missing = set(projector) - set(model.state_dict())
+        if missing:
+            raise ValueError(f"{model_path}/mm_projector.bin has keys the model lacks: {sorted(missing)[:4]}")
+        model.load_state_dict(projector, strict=False)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = LlavaLlamaForCausalLM.from_pretrained(model_path, **kwargs)
+
+    if getattr(model.config, "mm_use_im_patch_token", False):
+        tokenizer.add_tokens([DEFAULT_IMAGE_PATCH_TOKEN], special_tokens=True)
+    if getattr(model.config, "mm_use_im_start_end", False):
+        tokenizer.add_tokens([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN], special_tokens=True)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+
+    vision_tower = model.get_vision_tower()
+    if vision_tower is None:
+        raise ValueError(f"{model_path}: the config names no vision tower (mm_vision_tower); is this a LLaVA model?")
+    vision_tower.load_model(device_map=device_map)
+    if device_map is None:
+        model.to(device=device, dtype=torch_dtype)
+    model.eval()
+    context_len = getattr(model.config, "max_sequence_length", 2048)
+    return tokenizer, model, vision_tower.image_processor, context_len
+
+
+def _load_adapter_model(model_path: str, model_base: str, missing_magnitudes: str, kwargs: dict):
+    from peft_dora import load_dora_adapter
+
+    logger.info("Loading the base model %s and the adapter %s", model_base, model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_base)
+    config = LlavaConfig.from_pretrained(model_path)
+    model = LlavaLlamaForCausalLM.from_pretrained(model_base, config=config, **kwargs)
+    vocab = model.lm_head.out_features
+    if vocab != config.vocab_size:
+        # The original resized embeddings to the adapter's vocabulary before loading.
+        model.resize_token_embeddings(config.vocab_size)
+
+    non_lora = load_non_lora_trainables(model_path)
+    if non_lora:
+        unknown = sorted(set(non_lora) - set(model.state_dict()))
+        if unknown:
+            raise ValueError(f"{model_path}: non-LoRA trainables not in the model: {unknown[:4]} ({len(unknown)} keys)")
+        dtype = kwargs["torch_dtype"]
+        model.load_state_dict({k: v.to(dtype) for k, v in non_lora.items()}, strict=False)
+        logger.info("Loaded %d non-LoRA trainable tensors (projector) from %s", len(non_lora), model_path)
+
+    adapter_config = json.loads(Path(model_path, "adapter_config.json").read_text())
+    if adapter_config.get("peft_type") == "LORA" and not adapter_config.get("use_dora", False):
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(model, model_path)
+    else:
+        peft_model, report = load_dora_adapter(model, model_path, missing_magnitudes=missing_magnitudes)
+        logger.info("%s", report)
+    model = peft_model.merge_and_unload()
+    logger.info("Merged the adapter into the base weights")
+    return model, tokenizer

@@ -1,0 +1,227 @@
+"""LLaVA-1.5 training: full finetuning, LoRA or DoRA, with the seed's command-line arguments.
+
+Read top to bottom: arguments, model, adapter, tokenizer, vision modules, data, trainer, save.
+``Dora_7b.sh`` runs this module (through ``train_mem.py``) under DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+from torch import nn
+
+from llava import conversation as conversation_lib
+from llava.model import LlavaLlamaForCausalLM
+from llava.train.data import DataArguments, make_supervised_data_module, preprocess  # noqa: F401  (seed's public name)
+from llava.train.llava_trainer import LLaVATrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default="facebook/opt-125m")
+    version: str = field(default="v0", metadata={"help": "conversation template: v1 (vicuna_v1) or plain (stage 1)"})
+    freeze_backbone: bool = field(default=False)
+    tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train the projector only"})
+    vision_tower: str | None = field(default=None)
+    mm_vision_select_layer: int = field(default=-1)
+    pretrain_mm_mlp_adapter: str | None = field(default=None)
+    mm_projector_type: str = field(default="linear")
+    mm_use_im_start_end: bool = field(default=False)
+    mm_use_im_patch_token: bool = field(default=True)
+    mm_patch_merge_type: str = field(default="flat")
+    mm_vision_select_feature: str = field(default="patch")
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    cache_dir: str | None = field(default=None)
+    optim: str = field(default="adamw_torch")
+    remove_unused_columns: bool = field(default=False)
+    freeze_mm_mlp_adapter: bool = field(default=False)
+    model_max_length: int = field(default=512, metadata={"help": "Sequences are right-padded and truncated to this."})
+    double_quant: bool = field(default=True)
+    quant_type: str = field(default="nf4")
+    bits: int = field(default=16, metadata={"help": "4 or 8 for QLoRA-style quantized training (needs bitsandbytes)"})
+    lora_enable: bool = field(default=False, metadata={"help": "train an adapter (DoRA by default, see --use_dora)"})
+    use_dora: bool = field(default=True, metadata={"help": "with --lora_enable: DoRA (True) or plain LoRA (False)"})
+    lora_r: int = field(default=64)
+    lora_alpha: int = field(default=16)
+    lora_dropout: float = field(default=0.05)
+    lora_weight_path: str = field(default="")
+    lora_bias: str = field(default="none")
+    target_modules: str | None = field(
+        default=None,
+        metadata={"help": "comma-separated module names for A/B; default: every Linear of the decoder but lm_head"},
+    )
+    wdecompose_target_modules: str | None = field(
+        default=None, metadata={"help": "comma-separated module names that train a DoRA magnitude only"}
+    )
+    mm_projector_lr: float | None = field(default=None)
+    group_by_modality_length: bool = field(default=False)
+    # The seed's flag names that transformers 5 renamed: accepted and mapped onto the new ones.
+    warmup_ratio: float | None = field(default=None, metadata={"help": "alias of --warmup_steps given as a ratio"})
+    evaluation_strategy: str | None = field(default=None, metadata={"help": "alias of --eval_strategy"})
+
+    def __post_init__(self) -> None:
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+        super().__post_init__()
+
+
+def find_all_linear_names(model: nn.Module) -> list[str]:
+    """Names of the decoder's Linear layers (not the vision tower, projector or lm_head)."""
+    skip = ("mm_projector", "vision_tower", "vision_resampler")
+    names = {
+        name.split(".")[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not any(s in name for s in skip)
+    }
+    names.discard("lm_head")
+    return sorted(names)
+
+
+def _split(arg: str | None) -> list[str] | None:
+    return [s.strip() for s in arg.split(",") if s.strip()] if arg else None
+
+
+def build_adapter_config(model: nn.Module, args: TrainingArguments):
+    from peft import LoraConfig
+
+    from peft_dora import DoraConfig
+
+    target_modules = _split(args.target_modules) or find_all_linear_names(model)
+    common = dict(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        target_modules=target_modules,
+        lora_dropout=args.lora_dropout,
+        bias=args.lora_bias,
+        task_type="CAUSAL_LM",
+    )
+    if args.use_dora:
+        return DoraConfig(**common, wdecompose_target_modules=_split(args.wdecompose_target_modules))
+    if args.wdecompose_target_modules:
+        raise ValueError("--wdecompose_target_modules needs DoRA (--use_dora True).")
+    return LoraConfig(**common)
+
+
+def train(attn_implementation: str | None = None) -> None:
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING, format="%(message)s")
+    compute_dtype = torch.float16 if training_args.fp16 else (torch.bfloat16 if training_args.bf16 else torch.float32)
+
+    load_kwargs = {}
+    if training_args.bits in (4, 8):
+        from transformers import BitsAndBytesConfig
+
+        load_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=training_args.bits == 4,
+            load_in_8bit=training_args.bits == 8,
+            llm_int8_skip_modules=["mm_projector"],
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=training_args.double_quant,
+            bnb_4bit_quant_type=training_args.quant_type,
+        )
+    logger.info("Loading the language model from %s", model_args.model_name_or_path)
+    model = LlavaLlamaForCausalLM.from_pretrained(
+        model_args.model_name_or_path,
+        cache_dir=training_args.cache_dir,
+        attn_implementation=attn_implementation,
+        torch_dtype=compute_dtype if training_args.bf16 or training_args.fp16 else None,
+        **load_kwargs,
+    )
+    model.config.use_cache = False
+    if model_args.freeze_backbone:
+        model.model.requires_grad_(False)
+    if training_args.bits in (4, 8):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
+    if training_args.gradient_checkpointing:
+        model.enable_input_require_grads()
+
+    if training_args.lora_enable:
+        from peft import get_peft_model
+
+        adapter_config = build_adapter_config(model, training_args)
+        if training_args.bits == 16 and compute_dtype != torch.float32:
+            model.to(compute_dtype)
+        logger.info("Adding %s adapters (r=%d, alpha=%d) to %s", "DoRA" if training_args.use_dora else "LoRA",
+                    training_args.lora_r, training_args.lora_alpha, adapter_config.target_modules)
+        model = get_peft_model(model, adapter_config)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path,
+        cache_dir=training_args.cache_dir,
+        model_max_length=training_args.model_max_length,
+        padding_side="right",
+    )
+    if model_args.version == "v0":
+        if tokenizer.pad_token is None:
+            tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+            model.resize_token_embeddings(len(tokenizer))
+    else:
+        tokenizer.pad_token = tokenizer.unk_token
+        if model_args.version not in conversation_lib.conv_templates:
+            raise ValueError(f"--version {model_args.version!r} is not a conversation template: "
+                             f"{sorted(conversation_lib.conv_templates)}")
+        conversation_lib.default_conversation = conversation_lib.conv_templates[model_args.version]
+
+    if model_args.vision_tower is not None:
+        model.get_model().initialize_vision_modules(model_args=model_args)
+        vision_tower = model.get_vision_tower()
+        vision_tower.to(dtype=compute_dtype, device=training_args.device)
+        data_args.image_processor = vision_tower.image_processor
+        data_args.is_multimodal = True
+        config = model.config
+        config.image_aspect_ratio = data_args.image_aspect_ratio
+        config.tokenizer_padding_side = tokenizer.padding_side
+        config.tokenizer_model_max_length = tokenizer.model_max_length
+        config.tune_mm_mlp_adapter = training_args.tune_mm_mlp_adapter = model_args.tune_mm_mlp_adapter
+        if model_args.tune_mm_mlp_adapter:
+            model.requires_grad_(False)
+            model.get_model().mm_projector.requires_grad_(True)
+        config.freeze_mm_mlp_adapter = training_args.freeze_mm_mlp_adapter
+        if training_args.freeze_mm_mlp_adapter:
+            model.get_model().mm_projector.requires_grad_(False)
+        if training_args.bits in (4, 8):
+            model.get_model().mm_projector.to(dtype=compute_dtype, device=training_args.device)
+        config.mm_use_im_start_end = data_args.mm_use_im_start_end = model_args.mm_use_im_start_end
+        config.mm_projector_lr = training_args.mm_projector_lr
+        config.mm_use_im_patch_token = model_args.mm_use_im_patch_token
+        if model_args.mm_use_im_patch_token or model_args.mm_use_im_start_end:
+            raise NotImplementedError("LLaVA-1.5 uses neither --mm_use_im_patch_token nor --mm_use_im_start_end.")
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    logger.info("Trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
+
+    data_module = make_supervised_data_module(tokenizer=tokenizer, data_args=data_args)
+    trainer = LLaVATrainer(model=model, processing_class=tokenizer, args=training_args, **data_module)
+
+    resume = training_args.resume_from_checkpoint
+    if resume is None and list(pathlib.Path(training_args.output_dir).glob("checkpoint-*")):
+        resume = True
+        logger.info("Found checkpoints in %s: resuming from the latest", training_args.output_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_state()
+
+    model.config.use_cache = True
+    trainer.save_model(training_args.output_dir)
+    logger.info("Saved the final model to %s", os.path.abspath(training_args.output_dir))
+
+
+if __name__ == "__main__":
+    train()
