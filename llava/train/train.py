@@ -116,6 +116,21 @@ def build_adapter_config(model: nn.Module, args: TrainingArguments):
     return LoraConfig(**common)
 
 
+def latest_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N folder that was written to the end (its trainer_state.json is written last).
+
+    A run killed while saving leaves a partial folder; resuming from it would fail or lose steps.
+    """
+    complete, partial = [], []
+    for folder in pathlib.Path(output_dir).glob("checkpoint-*"):
+        step = folder.name.removeprefix("checkpoint-")
+        if step.isdigit():
+            (complete if (folder / "trainer_state.json").exists() else partial).append((int(step), folder))
+    for _, folder in partial:
+        logger.warning("Ignoring %s: it was not written to the end (no trainer_state.json)", folder)
+    return str(max(complete)[1]) if complete else None
+
+
 def train(attn_implementation: str | None = None) -> None:
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
@@ -211,10 +226,9 @@ def train(attn_implementation: str | None = None) -> None:
     data_module = make_supervised_data_module(tokenizer=tokenizer, data_args=data_args)
     trainer = LLaVATrainer(model=model, processing_class=tokenizer, args=training_args, **data_module)
 
-    resume = training_args.resume_from_checkpoint
-    if resume is None and list(pathlib.Path(training_args.output_dir).glob("checkpoint-*")):
-        resume = True
-        logger.info("Found checkpoints in %s: resuming from the latest", training_args.output_dir)
+    resume = training_args.resume_from_checkpoint or latest_complete_checkpoint(training_args.output_dir)
+    if resume:
+        logger.info("Resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
 
