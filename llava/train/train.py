@@ -135,6 +135,8 @@ def train(attn_implementation: str | None = None) -> None:
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING, format="%(message)s")
+    # Seed before the adapters are initialised so that a rerun (or a resumed run) is the same run.
+    transformers.set_seed(training_args.seed)
     compute_dtype = torch.float16 if training_args.fp16 else (torch.bfloat16 if training_args.bf16 else torch.float32)
 
     load_kwargs = {}
