@@ -13,8 +13,8 @@
 #   DS_CONFIG       ./scripts/zero3.json
 #   NUM_GPUS        the number of devices in CUDA_VISIBLE_DEVICES, else 8
 #   BATCH, GRAD_ACC per-device batch 4, gradient accumulation 4 (4 x 4 x 8 GPUs = 128)
-#   PRECISION       "--bf16 True --tf32 True"
-#   LAUNCHER        deepspeed (or "python" for one process without DeepSpeed)
+#   PRECISION       "--bf16 True --tf32 True" (set it empty for float32, e.g. on a CPU)
+#   LAUNCHER        deepspeed (or "python" for one process without DeepSpeed); MASTER_PORT 29500
 # Extra arguments are passed to the training module and override the flags below.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -34,7 +34,7 @@ fi
 NUM_GPUS=${NUM_GPUS:-$DEFAULT_GPUS}
 BATCH=${BATCH:-4}
 GRAD_ACC=${GRAD_ACC:-4}
-PRECISION=${PRECISION:---bf16 True --tf32 True}
+PRECISION=${PRECISION---bf16 True --tf32 True}
 LAUNCHER=${LAUNCHER:-deepspeed}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 DEEPSPEED=${DEEPSPEED:-$( [ -x .venv/bin/deepspeed ] && echo .venv/bin/deepspeed || echo deepspeed )}
@@ -104,7 +104,7 @@ ARGS=(
 )
 
 if [ "$LAUNCHER" = "deepspeed" ]; then
-  exec "$DEEPSPEED" --num_gpus "$NUM_GPUS" llava/train/train_mem.py --deepspeed "$DS_CONFIG" "${ARGS[@]}" "$@"
+  exec "$DEEPSPEED" --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" llava/train/train_mem.py --deepspeed "$DS_CONFIG" "${ARGS[@]}" "$@"
 else
   exec "$PYTHON" -m llava.train.train_mem "${ARGS[@]}" "$@"
 fi

@@ -171,3 +171,65 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def dora_7b_env(base, data: Path, out: Path) -> dict[str, str]:
+    return {
+        **env(),
+        "DS_ACCELERATOR": "cpu",
+        "MASTER_PORT": str(_free_port()),
+        "MODEL_BASE": str(base.language_model),
+        "DATA_PATH": str(data),
+        "IMAGE_FOLDER": str(data.parent),
+        "VISION_TOWER": str(base.vision_tower),
+        "PRETRAIN_MM": str(base.projector),
+        "OUTPUT_DIR": str(out),
+        "NUM_GPUS": "2",
+        "BATCH": "4",
+        "GRAD_ACC": "1",
+        "PRECISION": "",
+    }
+
+
+@pytest.mark.slow
+def test_dora_7b_sh_trains_under_zero3_on_two_processes(setup):
+    """Dora_7b.sh itself, through the deepspeed launcher, two CPU ranks (gloo), ZeRO-3."""
+    root, base, data = setup
+    out = root / "run_zero3"
+    flags = ["--lora_r", "8", "--lora_alpha", "16", "--learning_rate", "2e-2", "--mm_projector_lr", "2e-3",
+             "--save_steps", "4", "--model_max_length", "256", "--dataloader_num_workers", "0",
+             "--num_train_epochs", "2", "--seed", "7"]  # fmt: skip
+    result = subprocess.run(["bash", "Dora_7b.sh", *flags], cwd=ROOT, env=dora_7b_env(base, data, out),
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    history = losses(out)
+    assert len(history) == 14  # 2 epochs of 56 samples / (2 ranks x batch 4)
+    assert sum(history[-5:]) / 5 < sum(history[:5]) / 5 - 0.3, history
+    final, checkpoint = adapter_tensors(out), adapter_tensors(out / "checkpoint-14")
+    assert final.keys() == checkpoint.keys()
+    for key, tensor in final.items():
+        assert tensor.numel() > 0, f"{key} was saved partitioned (empty)"
+        torch.testing.assert_close(tensor, checkpoint[key], msg=key)
+
+    from llava.model.builder import load_pretrained_model
+
+    tokenizer, model, _, _ = load_pretrained_model(str(out), str(base.language_model), device="cpu")
+    assert model.get_model().mm_projector[0].weight.shape == final["base_model.model.model.mm_projector.0.weight"].shape
+    torch.testing.assert_close(model.get_model().mm_projector[0].weight, final["base_model.model.model.mm_projector.0.weight"])
+
+
+def test_dora_7b_sh_checks_its_inputs_before_launching(tmp_path):
+    result = subprocess.run(
+        ["bash", "Dora_7b.sh"],
+        cwd=ROOT,
+        env={**env(), "DATA_PATH": str(tmp_path / "nope.json"), "PRETRAIN_MM": str(tmp_path / "nope.bin"),
+             "IMAGE_FOLDER": str(tmp_path), "LAUNCHER": "deepspeed"},  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"missing: the instruction-tuning annotations at {tmp_path / 'nope.json'}" in result.stdout
+    assert "llava_v1_5_mix665k.json" in result.stdout
+    assert f"missing: the pretrained projector at {tmp_path / 'nope.bin'}" in result.stdout
+    assert "nothing was launched" in result.stderr

@@ -76,7 +76,25 @@ class TrainingArguments(transformers.TrainingArguments):
             self.warmup_steps = self.warmup_ratio
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
+        if self.deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            _init_cpu_deepspeed_state()
+            self.accelerator_config = {**(self.accelerator_config or {}), "use_configured_state": True}
         super().__post_init__()
+
+
+def _init_cpu_deepspeed_state() -> None:
+    """DeepSpeed without CUDA (tests, CPU-only machines): set up the gloo process group first.
+
+    Left to itself, accelerate initialises DeepSpeed's process group without a backend on a CPU and
+    then records a world of one process, so every rank would train alone as rank 0.
+    """
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo")
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
 
 
 def find_all_linear_names(model: nn.Module) -> list[str]:

@@ -52,13 +52,25 @@ def _param_key(p: torch.Tensor) -> tuple[int, int]:
 
 
 def _gathered(*params: torch.Tensor):
-    """Gather ZeRO-3 partitioned parameters for reading (a no-op otherwise)."""
+    """Gather ZeRO-3 partitioned parameters for reading (a no-op otherwise).
+
+    Only parameters that are not available are gathered (and released again on exit): one that a
+    submodule holds right now (the base layer that just ran) is read as it is, because releasing it
+    here would pull it from under its module. The status is the same on every rank, so every rank
+    joins the same collective.
+    """
     params = [p for p in params if p is not None and hasattr(p, "ds_id")]
     if not params:
         return contextlib.nullcontext()
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    if any(p.ds_status == ZeroParamStatus.INFLIGHT for p in params):
+        raise RuntimeError("peft_dora: a DoRA weight is being prefetched by ZeRO-3 while its norm is computed.")
+    missing = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if not missing:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(missing, modifier_rank=None)
 
 
 class DoraMagnitude(nn.Module):
@@ -176,7 +188,11 @@ class DoraVariant(LoraVariant):
         magnitude_only = getattr(module, "_dora_magnitude_only", {}).get(active_adapter, False)
         lora = None if magnitude_only else module.lora_B[active_adapter](module.lora_A[active_adapter](x_d))
         inv_norm = weight_norm(module, active_adapter).reciprocal()
-        bias = base.bias.detach() if base.bias is not None else None
+        bias = None
+        if base.bias is not None:
+            with _gathered(base.bias):
+                # A copy when partitioned: the function keeps the bias for backward.
+                bias = base.bias.detach().clone() if hasattr(base.bias, "ds_id") else base.bias.detach()
         return module.lora_magnitude_vector[active_adapter](
             result, lora, base_d, inv_norm, bias, module.scaling[active_adapter]
         )
