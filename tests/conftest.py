@@ -21,3 +21,11 @@ def tiny_llama_tokenizer(tiny_llama_tokenizer_dir: Path):
     from transformers import LlamaTokenizer
 
     return LlamaTokenizer.from_pretrained(str(tiny_llama_tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny LLaVA-1.5 base (LLaMA + tokenizer, CLIP tower + processor, projector), built once per session."""
+    from llava.tiny_base import build_tiny_base
+
+    return build_tiny_base(tmp_path_factory.mktemp("tiny_base"))
