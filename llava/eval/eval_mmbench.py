@@ -1,0 +1,163 @@
+"""Local MMBench-dev accuracy with CircularEval, from the answers file and the TSV's "answer" column.
+
+    python -m llava.eval.eval_mmbench --annotation-file mmbench_dev_20230712.tsv \
+        --result-file answers.jsonl [--metrics-json mmbench.json]
+
+With ``--all-rounds`` the generator asks each question once per rotation of its options and
+writes ``round_id``, ``options`` (the option texts in the order shown) and ``option_char`` (the
+TSV letter of each shown option). A question counts as correct only if every rotation (one per
+option) is answered with the letter of the right option; a question with rotations missing counts
+as wrong. Without rotations in the file (a run without ``--all-rounds``, like the seed's) the score
+is plain accuracy over round 0, and the printout says so.
+
+The letter is read from the answer text by ``parse_letter``: the text itself (stripped) if it is
+one of the letters shown; else its first character if that is a shown letter followed by "." or a
+space ("B. a cat", "B because"); else the one shown letter that stands alone as a word once the
+characters ``.()[],:;!*#{}`` are blanked out (the evaluation server's first heuristic); else the
+one option whose text appears in the answer, ignoring case (its second heuristic). Anything else
+is wrong. The server's last resort, asking an LLM to match the answer, is not reproduced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import string
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from llava.eval.jsonl import InputFileError, id_key, read_jsonl, write_json_atomic
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+OPTION_COLUMNS = ("A", "B", "C", "D", "E")
+_BLANKED = ".()[],:;!*#{}"
+
+
+def read_tsv(path: str | Path) -> pd.DataFrame:
+    """The MMBench TSV as a pandas DataFrame (default dtypes, as the seed read it)."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path, sep="\t")
+    except FileNotFoundError:
+        raise InputFileError(f"{path}: no such file") from None
+
+
+def _is_none(value: Any) -> bool:
+    """The generator's test for an absent option: missing, NaN, or the text "nan"/"none"."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return True
+    return isinstance(value, str) and value.lower() in {"nan", "none"}
+
+
+def present_options(row: dict[str, Any]) -> list[str]:
+    """A TSV row's options up to the first absent one, as the generator lists them."""
+    options = []
+    for column in OPTION_COLUMNS:
+        value = row.get(column)
+        if _is_none(value):
+            break
+        options.append(str(value))
+    return options
+
+
+def parse_letter(text: str, letters: Sequence[str], options: Sequence[str] = ()) -> str | None:
+    """The shown letter an answer picks (rules in the module docstring), None if it cannot be read."""
+    letters = list(letters)  # a string of letters would match substrings such as "" or "AB"
+    stripped = text.strip()
+    if stripped in letters:
+        return stripped
+    if len(stripped) >= 2 and stripped[0] in letters and stripped[1] in ". ":
+        return stripped[0]
+    words = stripped.translate(str.maketrans(_BLANKED, " " * len(_BLANKED))).split()
+    named = [letter for letter in letters if letter in words]
+    if len(named) == 1:
+        return named[0]
+    lowered = stripped.lower()
+    containing = [letter for letter, option in zip(letters, options) if option and str(option).lower() in lowered]
+    return containing[0] if len(containing) == 1 else None
+
+
+def round_is_correct(answer: dict[str, Any], gold_letter: str, tsv_options: Sequence[str]) -> bool:
+    """Whether one answered round picks the option that the TSV marks right."""
+    options = answer.get("options") or list(tsv_options)
+    shown = list(string.ascii_uppercase[:len(options)])
+    original = answer.get("option_char") or list(shown)
+    picked = parse_letter(answer.get("text", ""), shown, options)
+    return picked is not None and original[shown.index(picked)] == gold_letter
+
+
+def mmbench_accuracy(tsv: pd.DataFrame, answers: Sequence[dict[str, Any]],
+                     source: str = "answers") -> dict[str, Any]:
+    """{"accuracy", "circular", "questions", "single_round_accuracy"} (percent) over every TSV row."""
+    if "answer" not in tsv.columns:
+        raise InputFileError("the TSV has no 'answer' column (a test split?): only the evaluation server scores it")
+    rounds: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    duplicates = 0
+    for answer in answers:
+        by_round = rounds[id_key(answer["question_id"])]
+        round_id = int(answer.get("round_id", 0))
+        duplicates += round_id in by_round
+        by_round[round_id] = answer
+    if duplicates:
+        print(f"{source}: {duplicates} duplicated answer(s); the last answer of each round is used", file=sys.stderr)
+    circular = any(round_id > 0 for by_round in rounds.values() for round_id in by_round)
+    rows = {id_key(row["index"]): row for row in tsv.to_dict("records")}
+    unknown = [qid for qid in rounds if qid not in rows]
+    if unknown:
+        print(f"{source}: {len(unknown)} answered question(s) not in the TSV, ignored "
+              f"(first: {', '.join(unknown[:5])})", file=sys.stderr)
+    unanswered = [qid for qid in rows if qid not in rounds]
+    if unanswered:
+        print(f"{source}: {len(unanswered)} question(s) without an answer, counted wrong "
+              f"(first: {', '.join(unanswered[:5])})", file=sys.stderr)
+    single_correct = circular_correct = incomplete = 0
+    for qid, row in rows.items():
+        by_round = rounds.get(qid, {})
+        options = present_options(row)
+        gold = str(row["answer"])
+        results = {r: round_is_correct(a, gold, options) for r, a in by_round.items()}
+        single_correct += results.get(0, False)
+        if circular:
+            complete = all(r in results for r in range(len(options)))
+            incomplete += bool(by_round) and not complete
+            circular_correct += complete and all(results.values())
+    if incomplete:
+        print(f"{source}: {incomplete} question(s) lack some rotations, counted wrong by CircularEval", file=sys.stderr)
+    if not rows:
+        raise InputFileError("the TSV has no questions")
+    single = 100.0 * single_correct / len(rows)
+    return {
+        "accuracy": 100.0 * circular_correct / len(rows) if circular else single,
+        "circular": circular,
+        "questions": len(rows),
+        "single_round_accuracy": single,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--annotation-file", required=True, help="mmbench_dev_20230712.tsv")
+    parser.add_argument("--result-file", required=True, help="answers JSONL (with round_id/options/option_char)")
+    parser.add_argument("--metrics-json", help="also write {accuracy, circular, questions, single_round_accuracy}")
+    args = parser.parse_args(argv)
+    try:
+        metrics = mmbench_accuracy(read_tsv(args.annotation_file), read_jsonl(args.result_file), args.result_file)
+    except InputFileError as error:
+        sys.exit(f"error: {error}")
+    print(f"Questions: {metrics['questions']}")
+    print(f"Accuracy (round 0): {metrics['single_round_accuracy']:.2f}%")
+    if metrics["circular"]:
+        print(f"CircularEval accuracy: {metrics['accuracy']:.2f}%")
+    else:
+        print("No rotations in the answers (generated without --all-rounds): CircularEval not applied")
+    if args.metrics_json:
+        write_json_atomic(args.metrics_json, metrics, indent=2)
+
+
+if __name__ == "__main__":
+    main()
