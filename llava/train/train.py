@@ -6,6 +6,7 @@ Read top to bottom: arguments, model, adapter, tokenizer, vision modules, data, 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
@@ -134,6 +135,18 @@ def build_adapter_config(model: nn.Module, args: TrainingArguments):
     return LoraConfig(**common)
 
 
+def record_trainable_parameters(model: nn.Module, args: TrainingArguments) -> None:
+    """Log the trainable share and keep it beside the outputs: the table's "# Params (%)" column."""
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    percent = 100 * trainable / max(total, 1)
+    logger.info("Trainable parameters: %d of %d (%.2f%%)", trainable, total, percent)
+    if args.should_save:
+        os.makedirs(args.output_dir, exist_ok=True)
+        record = {"trainable": trainable, "total": total, "percent": round(percent, 2)}
+        pathlib.Path(args.output_dir, "trainable_parameters.json").write_text(json.dumps(record) + "\n")
+
+
 def latest_complete_checkpoint(output_dir: str) -> str | None:
     """The newest checkpoint-N folder that was written to the end (its trainer_state.json is written last).
 
@@ -239,9 +252,7 @@ def train(attn_implementation: str | None = None) -> None:
         if model_args.mm_use_im_patch_token or model_args.mm_use_im_start_end:
             raise NotImplementedError("LLaVA-1.5 uses neither --mm_use_im_patch_token nor --mm_use_im_start_end.")
 
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    logger.info("Trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
+    record_trainable_parameters(model, training_args)
 
     data_module = make_supervised_data_module(tokenizer=tokenizer, data_args=data_args)
     trainer = LLaVATrainer(model=model, processing_class=tokenizer, args=training_args, **data_module)
