@@ -18,9 +18,26 @@ from __future__ import annotations
 import torch
 
 
+# Rows of the batch x out operands multiplied at a time in the magnitude's gradient: the product
+# never exists whole, so the backward pass holds no more batch x out buffers than LoRA's.
+_DOT_CHUNK_ELEMENTS = 1 << 18
+
+
 def _token_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over every dimension but the last, accumulated in float32."""
     return t.reshape(-1, t.shape[-1]).sum(dim=0, dtype=torch.float32)
+
+
+def _token_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over tokens of a * b (per output feature), in float32, chunk by chunk."""
+    a = a.reshape(-1, a.shape[-1])
+    b = b.reshape(-1, b.shape[-1])
+    out = torch.zeros(a.shape[1], dtype=torch.float32, device=a.device)
+    rows = max(1, _DOT_CHUNK_ELEMENTS // max(1, a.shape[1]))
+    for start in range(0, a.shape[0], rows):
+        a_rows, b_rows = a[start : start + rows], b[start : start + rows]
+        out += (a_rows.float() * b_rows.float()).sum(dim=0)
+    return out
 
 
 class DoraCombine(torch.autograd.Function):
@@ -52,27 +69,27 @@ class DoraCombine(torch.autograd.Function):
     def backward(ctx, grad):
         saved, magnitude, inv_norm, bias = ctx.saved_tensors
         scale32 = magnitude.float() * inv_norm
-        scale = scale32.to(grad.dtype)
-        grad_scaled = grad * scale
-        grad_lora = None
-        if ctx.lora_dtype is not None:
-            grad_lora = (grad_scaled * ctx.scaling).to(ctx.lora_dtype)
         grad_m = None
         if ctx.needs_input_grad[3]:
             if ctx.dropout:
-                grad_m = _token_sum(grad * saved) * inv_norm
+                grad_m = _token_dot(grad, saved) * inv_norm
             else:
                 # sum_t g * u / n with u = (y - b) / scale, i.e. (sum_t g * y - b * sum_t g) / m.
-                gy = _token_sum(grad * saved)
+                gy = _token_dot(grad, saved)
                 if bias is not None:
                     gy = gy - bias.float() * _token_sum(grad)
                 m32 = magnitude.float()
                 grad_m = torch.where(m32 != 0, gy / torch.where(m32 != 0, m32, 1.0), 0.0)
             grad_m = grad_m.to(magnitude.dtype)
+        grad_lora = None
+        if ctx.lora_dtype is not None and ctx.needs_input_grad[1]:
+            grad_lora = (grad * (scale32 * ctx.scaling).to(grad.dtype)).to(ctx.lora_dtype)
+        grad_result = grad_base_d = None
         if ctx.dropout:
-            grad_result = grad
-            grad_base_d = grad_scaled - grad
-        else:
-            grad_result = grad_scaled
-            grad_base_d = None
+            if ctx.needs_input_grad[0]:
+                grad_result = grad
+            if ctx.needs_input_grad[2]:
+                grad_base_d = grad * (scale32 - 1).to(grad.dtype)
+        elif ctx.needs_input_grad[0]:
+            grad_result = grad * scale32.to(grad.dtype)
         return grad_result, grad_lora, grad_base_d, grad_m, None, None, None

@@ -51,7 +51,8 @@ def dora_weight_norm(
         weight_sq_norm = row_sq_norm(weight)
     a = lora_A.float()
     b = lora_B.float()
-    cross = (b * weight_times_at(weight, a)).sum(dim=1)
-    quad = ((b @ (a @ a.t())) * b).sum(dim=1)
+    # In-place products: one out x r temporary alive at a time.
+    cross = weight_times_at(weight, a).mul_(b).sum(dim=1)
+    quad = (b @ (a @ a.t())).mul_(b).sum(dim=1)
     sq = weight_sq_norm + (2.0 * scaling) * cross + (scaling * scaling) * quad
-    return sq.clamp_min(0.0).sqrt()
+    return sq.clamp_min_(0.0).sqrt_()

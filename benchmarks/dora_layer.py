@@ -1,0 +1,369 @@
+"""Time and peak memory of one training step of ONE wrapped Linear layer: LoRA vs DoRA.
+
+Methods (all r=128, lora_alpha=256, fp32, CPU):
+  lora           upstream PEFT ``LoraConfig``
+  dora-upstream  upstream PEFT ``LoraConfig(use_dora=True)``
+  dora-this      this project's ``peft_dora.DoraConfig``
+
+Shapes are the LLaMA-7B projections (in->out): 4096->4096 (q/k/v/o), 4096->11008 (gate/up),
+11008->4096 (down); tokens 1024 and 4096 by default.
+
+A step is a training step in which the adapter weights change every step:
+  forward on a fresh input x ([1, tokens, in], requires_grad=False), y.backward(g) with a fixed
+  random g, an SGD step with a tiny learning rate on every trainable parameter (A, B and, for DoRA,
+  the magnitude), grads set to None. The SGD step writes A and B in place (and bumps this
+  project's optimizer generation), so the DoRA norm cannot be served from a cache. Note that
+  ``p.data.add_(...)`` would NOT do: ``.data`` has its own version counter, so a version-keyed
+  cache would not see the change. For ``dora-this`` the script counts how often the norm was
+  actually computed and prints it ("norm k/N"). 2 warm-up steps, then the median of
+  ``--repeats`` steps (time.perf_counter); fwd/bwd columns are medians of the forward and of the
+  backward alone, the rest of the step being the SGD update.
+
+Each (method, shape, tokens) runs in its own subprocess (this script with ``--worker``), so that
+the peak memory is that configuration's alone: peak RSS (``resource.getrusage`` ru_maxrss) minus
+the RSS just before the model and the inputs are built, i.e. W0, A, B, m, x, g, the activations
+and the temporaries of forward and backward. The absolute peak RSS is printed too.
+
+``--dropout P`` (default 0.0) sets ``lora_dropout``. With dropout the paper's forward needs W0
+applied to the dropped-out input, W0 dropout(x), an extra out x in matmul (and its activation)
+that both DoRA implementations pay and LoRA does not, so the DoRA/LoRA targets are meant for
+``--dropout 0``.
+
+On a shared machine timings are noisy (other processes on the same cores make OpenMP threads
+wait): ``--rounds K`` runs every configuration K times, interleaved, and keeps the round with the
+lowest median; ``--threads N`` sets torch's thread count (default: torch's default). The "cpu ms"
+column is the median process CPU time of a step (time.process_time), which contention disturbs
+less than wall time, most of all with ``--threads 1``.
+
+With glibc's default allocator the peak RSS also holds freed heap memory not yet given back, which
+depends on the order of allocations and moves the peak by tens of MiB either way; ``--exact-memory``
+sets MALLOC_MMAP_THRESHOLD_=131072 in the workers, so that every tensor is its own mapping returned
+on free and the peak follows the live tensors (the fair comparison of what each method holds).
+
+``--input-grad`` makes the input require grad, as for a layer inside a model: backward then
+also computes dL/dx (one more out x in matmul for every method), which dilutes DoRA's fixed
+per-step cost (the norm). The default (no input grad) is the harshest case for DoRA.
+
+Usage:
+  python benchmarks/dora_layer.py                                  # everything
+  python benchmarks/dora_layer.py --tokens 1024 --repeats 3
+  python benchmarks/dora_layer.py --shapes 4096x4096 --methods lora,dora-this
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = ("lora", "dora-upstream", "dora-this")
+SHAPES = ("4096x4096", "4096x11008", "11008x4096")
+TOKENS = (1024, 4096)
+R, ALPHA = 128, 256
+WARMUP = 2
+
+# Targets, checked at TARGET_TOKENS tokens (printed for every row).
+TARGET_TIME = 1.10  # dora-this / lora time
+TARGET_MEM = 1.05  # dora-this / lora peak memory above baseline
+TARGET_SPEEDUP = 1.5  # dora-upstream / dora-this time
+TARGET_TOKENS = 1024
+
+MIB = 1024 * 1024
+
+
+def _parse_shape(s: str) -> tuple[int, int]:
+    a, b = s.lower().replace("->", "x").split("x")
+    return int(a), int(b)
+
+
+def _current_rss() -> int:
+    """Resident set size now, in bytes (falls back to the peak where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return _peak_rss()
+
+
+def _peak_rss() -> int:
+    """Peak resident set size of this process, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# Worker: one configuration, one process.
+# --------------------------------------------------------------------------------------------
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    from torch import nn
+    from peft import LoraConfig, get_peft_model
+
+    import peft_dora
+    import peft_dora.layer as dora_layer
+
+    # Count the norm computations of this project's layer (a Python counter: negligible cost).
+    norm_calls = [0]
+    inner_norm = dora_layer.dora_weight_norm
+
+    def counted_norm(*a, **k):
+        norm_calls[0] += 1
+        return inner_norm(*a, **k)
+
+    dora_layer.dora_weight_norm = counted_norm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    in_f, out_f = _parse_shape(args.shape)
+    tokens, method = args.tokens, args.method
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(in_f, out_f, bias=False)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    # Warm the allocator and the math library on something small, outside the measurement.
+    torch.ones(8, 8) @ torch.ones(8, 8)
+
+    baseline = _current_rss()
+    torch.manual_seed(0)
+    model = Block()
+    common = dict(r=R, lora_alpha=ALPHA, lora_dropout=args.dropout, target_modules=["proj"])
+    if method == "lora":
+        config = LoraConfig(**common)
+    elif method == "dora-upstream":
+        config = LoraConfig(use_dora=True, **common)
+    elif method == "dora-this":
+        config = peft_dora.DoraConfig(**common)
+    else:
+        raise SystemExit(f"unknown method {method!r}")
+    model = get_peft_model(model, config)
+    model.train()
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        # Mid-training state: B != 0 (so DoRA's norm differs from the magnitude).
+        layer.lora_B["default"].weight.normal_(0.0, 1e-3)
+    if method == "dora-this":
+        assert type(layer).__name__ == "DoraLinear", type(layer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-6)
+    g = torch.randn(1, tokens, out_f)
+    after_build = _current_rss()
+    peak_after_build = _peak_rss()
+
+    fwd, bwd, step, cpu = [], [], [], []
+    norm_calls[0] = 0
+    for _ in range(WARMUP + args.repeats):
+        x = torch.randn(1, tokens, in_f, requires_grad=args.input_grad)  # fresh batch, outside the timing
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        y = model(x)
+        t1 = time.perf_counter()
+        y.backward(g)
+        t2 = time.perf_counter()
+        opt.step()  # changes A, B (and m) in place: no norm can be reused
+        opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        c3 = time.process_time()
+        del x, y
+        fwd.append(t1 - t0)
+        bwd.append(t2 - t1)
+        step.append(t3 - t0)
+        cpu.append(c3 - c0)
+
+    peak = _peak_rss()
+    result = {
+        "method": method,
+        "shape": f"{in_f}x{out_f}",
+        "tokens": tokens,
+        "threads": torch.get_num_threads(),
+        "time_ms": 1e3 * statistics.median(step[WARMUP:]),
+        "min_ms": 1e3 * min(step[WARMUP:]),
+        "cpu_ms": 1e3 * statistics.median(cpu[WARMUP:]),
+        "fwd_ms": 1e3 * statistics.median(fwd[WARMUP:]),
+        "bwd_ms": 1e3 * statistics.median(bwd[WARMUP:]),
+        "peak_mib": (peak - baseline) / MIB,
+        "build_mib": (after_build - baseline) / MIB,
+        "build_peak_mib": (peak_after_build - baseline) / MIB,
+        "abs_peak_mib": peak / MIB,
+        "baseline_mib": baseline / MIB,
+        "norm_calls": norm_calls[0] if method == "dora-this" else None,
+        "steps": WARMUP + args.repeats,
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver.
+# --------------------------------------------------------------------------------------------
+
+
+def run_one(method: str, shape: str, tokens: int, args: argparse.Namespace) -> dict | None:
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--method", method,
+        "--shape", shape,
+        "--tokens", str(tokens),
+        "--repeats", str(args.repeats),
+        "--dropout", str(args.dropout),
+    ]
+    if args.input_grad:
+        cmd.append("--input-grad")
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    env = dict(os.environ)
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "peft", "src")
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if args.exact_memory:
+        # glibc: every allocation above 128 KiB is its own mapping, unmapped on free (this also turns
+        # off the dynamic threshold), so the peak RSS follows the live tensors, not heap retention.
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    sys.stderr.write(f"[{method} {shape} {tokens}] failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}\n")
+    return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _fmt(v: float | None, spec: str = ".2f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _check(v: float | None, ok) -> str:
+    return "" if v is None else (" ok" if ok(v) else " MISS")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=",".join(SHAPES), help="comma list of INxOUT (default: %(default)s)")
+    p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma list (default: %(default)s)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
+    p.add_argument("--repeats", type=int, default=5, help="timed steps after %d warm-up steps" % WARMUP)
+    p.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (see the docstring)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every configuration this many times, interleaved, and keep per configuration the "
+                   "round with the lowest median time (for a shared, noisy machine)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
+    p.add_argument("--input-grad", action="store_true",
+                   help="input requires grad (a layer inside a model): backward also computes dL/dx")
+    p.add_argument("--exact-memory", action="store_true",
+                   help="glibc MALLOC_MMAP_THRESHOLD_=131072 in the workers: peak RSS follows live tensors")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--shape", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.worker:
+        args.tokens = int(args.tokens)
+        worker(args)
+        return
+
+    import torch
+
+    shapes = [f"{a}x{b}" for a, b in map(_parse_shape, args.shapes.split(","))]
+    tokens_list = [int(t) for t in args.tokens.split(",")]
+    methods = [m.strip() for m in args.methods.split(",")]
+    for m in methods:
+        if m not in METHODS:
+            p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+
+    import peft
+
+    print("# DoRA layer benchmark: one wrapped Linear, forward + backward + SGD step, fp32 CPU")
+    print()
+    print(f"- machine: {platform.processor() or platform.machine()} ({platform.platform()}), "
+          f"{os.cpu_count()} CPUs")
+    print(f"- torch {torch.__version__}, default threads {torch.get_num_threads()}; peft {peft.__version__}; "
+          f"python {platform.python_version()}")
+    threads = args.threads or torch.get_num_threads()
+    print(f"- r={R}, lora_alpha={ALPHA}, lora_dropout={args.dropout}, warm-up {WARMUP}, "
+          f"median of {args.repeats}, best of {args.rounds} round(s), {threads} threads, "
+          f"input requires grad: {args.input_grad}, "
+          f"allocator: {'MALLOC_MMAP_THRESHOLD_=131072' if args.exact_memory else 'default'}")
+    print("- peak MiB = peak RSS - RSS just before building the model and inputs; after build MiB = RSS once "
+          "W0, A, B, m and g exist; time = whole step (fwd + bwd + SGD update + zero_grad)")
+    print()
+
+    results: dict[tuple[str, int, str], dict] = {}
+    for rnd in range(args.rounds):
+        for shape in shapes:
+            for tokens in tokens_list:
+                for method in methods:
+                    r = run_one(method, shape, tokens, args)
+                    if r is None:
+                        continue
+                    key = (shape, tokens, method)
+                    sys.stderr.write(f"round {rnd + 1}/{args.rounds} {shape} {tokens} {method}: "
+                                     f"{r['time_ms']:.1f} ms, {r['peak_mib']:.1f} MiB\n")
+                    if key not in results or r["time_ms"] < results[key]["time_ms"]:
+                        results[key] = r
+
+    print("| shape (in->out) | tokens | method | time ms | min ms | cpu ms | fwd ms | bwd ms | peak MiB "
+          "| after build MiB | abs peak MiB | threads | norm computed |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for shape in shapes:
+        for tokens in tokens_list:
+            for method in methods:
+                r = results.get((shape, tokens, method))
+                if r is None:
+                    continue
+                norm = "" if r["norm_calls"] is None else f"{r['norm_calls']}/{r['steps']} steps"
+                print(f"| {shape.replace('x', '->')} | {tokens} | {method} | {r['time_ms']:.1f} | {r['min_ms']:.1f} "
+                      f"| {r['cpu_ms']:.1f} "
+                      f"| {r['fwd_ms']:.1f} | {r['bwd_ms']:.1f} | {r['peak_mib']:.1f} | {r['build_mib']:.1f} "
+                      f"| {r['abs_peak_mib']:.1f} | {r['threads']} | {norm} |")
+    print()
+    print("Ratios of medians (time = wall clock, cpu = process CPU time, mem = peak MiB above baseline).")
+    print(f"Targets (at {TARGET_TOKENS} tokens, dropout 0): DoRA(this)/LoRA time <= {TARGET_TIME:.2f}, "
+          f"DoRA(this)/LoRA memory <= {TARGET_MEM:.2f}, DoRA(upstream)/DoRA(this) time >= {TARGET_SPEEDUP:.1f}")
+    print()
+    print("| shape (in->out) | tokens | this/LoRA time | this/LoRA mem | upstream/this time "
+          "| upstream/LoRA time | upstream/LoRA mem | this/LoRA cpu | upstream/this cpu |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for shape in shapes:
+        for tokens in tokens_list:
+            lo = results.get((shape, tokens, "lora"))
+            up = results.get((shape, tokens, "dora-upstream"))
+            th = results.get((shape, tokens, "dora-this"))
+            get = lambda r, k: None if r is None else r[k]  # noqa: E731
+            t_this = _ratio(get(th, "time_ms"), get(lo, "time_ms"))
+            m_this = _ratio(get(th, "peak_mib"), get(lo, "peak_mib"))
+            t_up = _ratio(get(up, "time_ms"), get(th, "time_ms"))
+            t_upl = _ratio(get(up, "time_ms"), get(lo, "time_ms"))
+            m_upl = _ratio(get(up, "peak_mib"), get(lo, "peak_mib"))
+            c_this = _ratio(get(th, "cpu_ms"), get(lo, "cpu_ms"))
+            c_up = _ratio(get(up, "cpu_ms"), get(th, "cpu_ms"))
+            checked = tokens == TARGET_TOKENS and args.dropout == 0.0
+            c = (lambda v, ok: _check(v, ok)) if checked else (lambda v, ok: "")
+            print(f"| {shape.replace('x', '->')} | {tokens} "
+                  f"| {_fmt(t_this)}{c(t_this, lambda v: v <= TARGET_TIME)} "
+                  f"| {_fmt(m_this)}{c(m_this, lambda v: v <= TARGET_MEM)} "
+                  f"| {_fmt(t_up)}{c(t_up, lambda v: v >= TARGET_SPEEDUP)} "
+                  f"| {_fmt(t_upl)} | {_fmt(m_upl)} "
+                  f"| {_fmt(c_this)}{c(c_this, lambda v: v <= TARGET_TIME)} "
+                  f"| {_fmt(c_up)}{c(c_up, lambda v: v >= TARGET_SPEEDUP)} |")
+
+
+if __name__ == "__main__":
+    main()
