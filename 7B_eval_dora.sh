@@ -39,7 +39,7 @@ CHUNKS=${#GPULIST[@]}
 
 # A folder without full weights (an adapter, or a projector alone) is loaded on top of MODEL_BASE.
 MODEL_ARGS=(--model-path "$CKPT_PATH")
-if ! ls "$CKPT_PATH"/model*.safetensors "$CKPT_PATH"/pytorch_model*.bin >/dev/null 2>&1; then
+if ! compgen -G "$CKPT_PATH/model*.safetensors" >/dev/null && ! compgen -G "$CKPT_PATH/pytorch_model*.bin" >/dev/null; then
   [ -n "$MODEL_BASE" ] || { echo "$CKPT_PATH holds no full weights: set MODEL_BASE" >&2; exit 2; }
   MODEL_ARGS+=(--model-base "$MODEL_BASE")
 fi

@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def quick(cfg: DemoConfig) -> DemoConfig:
     """A shortened run for the test suite: every stage, a few steps each."""
-    cfg.n_train, cfg.n_eval, cfg.lm_steps = 64, 6, 5
+    cfg.n_train, cfg.n_eval, cfg.lm_steps = 200, 6, 5
     cfg.projector_epochs, cfg.finetune_epochs = 0.25, 0.25
     cfg.lora_r, cfg.lora_alpha, cfg.batch = 4, 8, 8
     return cfg

@@ -137,8 +137,10 @@ def build_adapter_config(model: nn.Module, args: TrainingArguments):
 
 def record_trainable_parameters(model: nn.Module, args: TrainingArguments) -> None:
     """Log the trainable share and keep it beside the outputs: the table's "# Params (%)" column."""
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    # As the paper counts: the frozen vision tower is not part of the total (full finetuning = 100%).
+    named = [(n, p) for n, p in model.named_parameters() if "vision_tower" not in n]
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for _, p in named if p.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for _, p in named)
     percent = 100 * trainable / max(total, 1)
     logger.info("Trainable parameters: %d of %d (%.2f%%)", trainable, total, percent)
     if args.should_save:

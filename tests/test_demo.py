@@ -1,0 +1,60 @@
+"""The README's first command, shortened: every stage runs and leaves its files, and the table has all columns."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["Method", "# Params (%)", "VQAv2", "GQA", "VisWiz", "SQA", "VQAT", "POPE", "MMBench", "Avg"]
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_stage_and_prints_the_table(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    cmd = [sys.executable, "-m", "llava.demo.run", "--quick", "--data-dir", str(data), "--out-dir", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+    assert (data / "train" / "llava_demo_mix.json").exists() and (data / "eval" / "pope" / "llava_pope_test.jsonl").exists()
+    assert (out / "base" / "vicuna-tiny" / "model.safetensors").exists()
+    assert (out / "base" / "clip-tiny" / "preprocessor_config.json").exists()
+    assert (out / "projector" / "mm_projector.bin").exists()
+    assert (out / "ft" / "model.safetensors").exists()
+    for method in ("lora", "dora"):
+        for name in ("adapter_model.safetensors", "adapter_config.json", "non_lora_trainables.bin", "config.json"):
+            assert (out / method / name).exists(), out / method / name
+    results = out / "results"
+    for row in ("Base (untrained)", "FT", "LoRA", "DoRA"):
+        assert (results / row / "results.json").exists(), row
+        # 7B_eval_dora.sh's outputs, all under RESULTPATH: answers, uploads in the official formats, scores.
+        for path in (
+            f"vqav2/answers_upload/llava_vqav2_mscoco_test-dev2015/{row}.json",
+            f"gqa/{row}/testdev_balanced_predictions.json",
+            f"vizwiz/answers_upload/{row}.json",
+            f"scienceqa/{row}_result.json",
+            f"textvqa/answers/{row}/merge.jsonl",
+            f"pope/answers/{row}/merge.jsonl",
+            f"mmbench/answers_upload/mmbench_dev_20230712/{row}.xlsx",
+        ):
+            assert (results / path).exists(), results / path
+    assert not any(p.name.endswith(".jsonl") and "answers" in p.parts for p in (data / "eval").rglob("*")), \
+        "the evaluation wrote into EVALPATH"
+
+    lines = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header == COLUMNS
+    rows = {line.strip("|").split("|")[0].strip(): line for line in lines[2:]}
+    assert list(rows) == ["Base (untrained)", "FT", "LoRA", "DoRA"]
+    for name, line in rows.items():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert len(cells) == len(COLUMNS)
+        assert all(cell != "-" for cell in cells[2:]), f"{name}: a benchmark has no score: {line}"
+    assert "| FT | 100 |" in result.stdout
+
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "done already" in rerun.stderr and "[finetune DoRA] ..." not in rerun.stderr
