@@ -40,8 +40,11 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(method: str, tokens: int, steps: int, accumulation: int, layers: int, dropout: float) -> dict:
+def worker(method: str, tokens: int, steps: int, accumulation: int, layers: int, dropout: float, threads: int) -> dict:
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -103,16 +106,19 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.tokens, args.steps, args.accumulation, args.layers, args.dropout)))
+        print(json.dumps(worker(args.worker, args.tokens, args.steps, args.accumulation, args.layers, args.dropout,
+                                args.threads)))
         return
 
     results = {}
     for method in args.methods.split(","):
         cmd = [sys.executable, __file__, "--worker", method, "--tokens", str(args.tokens), "--steps", str(args.steps),
-               "--accumulation", str(args.accumulation), "--layers", str(args.layers), "--dropout", str(args.dropout)]  # fmt: skip
+               "--accumulation", str(args.accumulation), "--layers", str(args.layers), "--dropout", str(args.dropout),
+               "--threads", str(args.threads)]  # fmt: skip
         print(f"running {METHODS[method]} ...", file=sys.stderr, flush=True)
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results[method] = json.loads(out.strip().splitlines()[-1])
