@@ -28,41 +28,18 @@ from types import SimpleNamespace
 
 import torch
 from PIL import Image
-from transformers import AutoTokenizer
 
 from llava.eval import generation as gen
-from llava.model import LlavaLlamaForCausalLM
 from llava.model.builder import load_pretrained_model
 from llava.tiny_base import build_tiny_base
+from llava.tiny_base import build_tiny_llava as build_tiny_llava_folder
 
 WORDS = "what color is the cat on the left of the red car near a small tree in the street".split()
 
 
 def build_tiny_llava(root: Path) -> Path:
-    """A full tiny LLaVA folder; lm_head scaled up and byte tokens muted so answers differ and read as text."""
-    base = build_tiny_base(root / "base")
-    tokenizer = AutoTokenizer.from_pretrained(base.language_model)
-    model = LlavaLlamaForCausalLM.from_pretrained(base.language_model)
-    model.get_model().initialize_vision_modules(
-        SimpleNamespace(
-            vision_tower=str(base.vision_tower),
-            mm_vision_select_layer=-2,
-            mm_vision_select_feature="patch",
-            pretrain_mm_mlp_adapter=str(base.projector),
-            mm_projector_type="mlp2x_gelu",
-            mm_patch_merge_type="flat",
-        )
-    )
-    model.config.image_aspect_ratio = "pad"
-    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    byte_rows = [i for i, token in enumerate(tokens) if token.startswith("<0x")]
-    with torch.no_grad():
-        model.lm_head.weight.mul_(5)
-        model.lm_head.weight[byte_rows] = 0
-    out = root / "llava-tiny"
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    """A full tiny LLaVA folder whose greedy answers differ between questions."""
+    return build_tiny_llava_folder(build_tiny_base(root / "base"), root / "llava-tiny")
 
 
 def write_questions(root: Path, count: int) -> list[gen.Request]:

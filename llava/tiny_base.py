@@ -177,6 +177,41 @@ def build_tiny_base(out_dir: Path, sentences: list[str] | None = None, sizes: Ti
     return TinyBase(lm_dir, clip_dir, projector_dir / "mm_projector.bin")
 
 
+def build_tiny_llava(base: TinyBase, out_dir: Path, distinct_answers: bool = True) -> Path:
+    """A full tiny LLaVA-1.5 folder (language model + vision tower + projector), as the builder loads it.
+
+    With ``distinct_answers`` the lm_head is scaled up and its byte-fallback rows are zeroed, so that
+    greedy answers of the random model differ between questions and decode to readable text (byte
+    tokens would all decode to the same replacement characters); generation tests compare answers.
+    """
+    from transformers import AutoTokenizer
+
+    from llava.model import LlavaLlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(base.language_model)
+    model = LlavaLlamaForCausalLM.from_pretrained(base.language_model)
+    model.get_model().initialize_vision_modules(
+        SimpleNamespace(
+            vision_tower=str(base.vision_tower),
+            mm_vision_select_layer=-2,
+            mm_vision_select_feature="patch",
+            pretrain_mm_mlp_adapter=str(base.projector),
+            mm_projector_type="mlp2x_gelu",
+            mm_patch_merge_type="flat",
+        )
+    )
+    model.config.image_aspect_ratio = "pad"
+    if distinct_answers:
+        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        byte_rows = [i for i, token in enumerate(tokens) if token.startswith("<0x")]
+        with torch.no_grad():
+            model.lm_head.weight.mul_(5)
+            model.lm_head.weight[byte_rows] = 0
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path)

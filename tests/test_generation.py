@@ -20,46 +20,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoTokenizer
 
 from llava.conversation import conv_templates
 from llava.eval import generation as gen
 from llava.eval import model_vqa_loader, model_vqa_mmbench, model_vqa_science, run_llava
-from llava.model import LlavaLlamaForCausalLM
 from llava.model.builder import load_pretrained_model
+from llava.tiny_base import build_tiny_llava
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_NEW = "12"
 WORDS = "what color is the cat on the left of the red car near a small tree in the street".split()
-
-
-def build_tiny_llava(tiny_base, out_dir: Path) -> Path:
-    """A full tiny LLaVA-1.5 folder whose greedy answers differ between questions and read as text.
-
-    The lm_head is scaled up, and its byte-fallback rows are zeroed: answers of byte tokens would
-    decode to the same replacement characters and hide differences between token sequences.
-    """
-    tokenizer = AutoTokenizer.from_pretrained(tiny_base.language_model)
-    model = LlavaLlamaForCausalLM.from_pretrained(tiny_base.language_model)
-    model.get_model().initialize_vision_modules(
-        SimpleNamespace(
-            vision_tower=str(tiny_base.vision_tower),
-            mm_vision_select_layer=-2,
-            mm_vision_select_feature="patch",
-            pretrain_mm_mlp_adapter=str(tiny_base.projector),
-            mm_projector_type="mlp2x_gelu",
-            mm_patch_merge_type="flat",
-        )
-    )
-    model.config.image_aspect_ratio = "pad"
-    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    byte_rows = [i for i, token in enumerate(tokens) if token.startswith("<0x")]
-    with torch.no_grad():
-        model.lm_head.weight.mul_(5)
-        model.lm_head.weight[byte_rows] = 0
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
 
 
 def noise_image(seed: int, size: tuple[int, int]) -> Image.Image:
