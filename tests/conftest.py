@@ -29,3 +29,22 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory):
     from llava.tiny_base import build_tiny_base
 
     return build_tiny_base(tmp_path_factory.mktemp("tiny_base"))
+
+
+@pytest.fixture(scope="session")
+def clip_processor():
+    """A CLIP image processor at the tiny tower's size (32 px), with CLIP's mean and std."""
+    from transformers import CLIPImageProcessor
+
+    from llava.tiny_base import CLIP_MEAN, CLIP_STD
+
+    return CLIPImageProcessor(
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+        do_resize=True,
+        do_center_crop=True,
+        do_normalize=True,
+        do_convert_rgb=True,
+    )

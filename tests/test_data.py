@@ -77,19 +77,8 @@ def template(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def processor():
-    from transformers import CLIPImageProcessor
-
-    return CLIPImageProcessor(
-        size={"shortest_edge": 32},
-        crop_size={"height": 32, "width": 32},
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-        do_resize=True,
-        do_center_crop=True,
-        do_normalize=True,
-        do_convert_rgb=True,
-    )
+def processor(clip_processor):
+    return clip_processor
 
 
 def turns(*texts: str) -> list[dict[str, str]]:

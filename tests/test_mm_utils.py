@@ -72,20 +72,6 @@ def test_load_image_from_base64_round_trip():
     assert image.convert("RGB").getpixel((2, 1)) == (102, 151, 200)
 
 
-@pytest.fixture(scope="module")
-def clip_processor():
-    from transformers import CLIPImageProcessor
-
-    return CLIPImageProcessor(
-        size={"shortest_edge": 32},
-        crop_size={"height": 32, "width": 32},
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-        do_resize=True,
-        do_center_crop=True,
-        do_normalize=True,
-        do_convert_rgb=True,
-    )
 
 
 def test_process_images_pad_fills_with_truncated_mean(clip_processor):
