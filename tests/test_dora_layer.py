@@ -159,6 +159,24 @@ def test_gradients_equal_float64_reference_with_detached_norm():
     torch.testing.assert_close(layer.lora_magnitude_vector["default"].weight.grad.double(), m.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunking", [(1 << 18, True), (1 << 25, False), (7 * 20, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_magnitude_gradient_reduction_in_every_chunking_mode(monkeypatch, chunking, dtype):
+    """The per-feature token dot behind m's gradient, as CPUs (small upcast chunks) and GPUs (large
+    chunks, product in the operands' dtype, float32 sums) run it, and with ragged chunks."""
+    from peft_dora import function
+
+    monkeypatch.setitem(function._DOT_CHUNKING, "cpu", chunking)
+    torch.manual_seed(3)
+    a, b = torch.randn(3, 97, 20).to(dtype), torch.randn(3, 97, 20).to(dtype)
+    exact = (a.double() * b.double()).sum(dim=(0, 1))
+    got = function._token_dot(a, b)
+    assert got.dtype == torch.float32
+    # bf16 products rounded once each (2**-9), summed in float32.
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert ((got.double() - exact).abs().max() / exact.abs().max()) < tolerance
+
+
 def test_closed_form_norm_equals_direct_norm_float64():
     torch.manual_seed(1)
     w0, a, b = torch.randn(50, 40, dtype=torch.float64), torch.randn(6, 40, dtype=torch.float64), torch.randn(50, 6, dtype=torch.float64)

@@ -18,9 +18,13 @@ from __future__ import annotations
 import torch
 
 
-# Rows of the batch x out operands multiplied at a time in the magnitude's gradient: the product
-# never exists whole, so the backward pass holds no more batch x out buffers than LoRA's.
-_DOT_CHUNK_ELEMENTS = 1 << 18
+# Elements of the batch x out operands multiplied at a time in the magnitude's gradient: the product
+# never exists whole, so the backward pass holds no more batch x out buffers than LoRA's. On a CPU
+# small cache-sized chunks are fastest; on a GPU every chunk costs kernel launches, so chunks are
+# large there (the product, in the operands' dtype, is a bounded fraction of one activation).
+# Per device type: (elements per chunk, whether to upcast the operands before multiplying).
+_DOT_CHUNKING = {"cpu": (1 << 18, True)}
+_DOT_CHUNKING_DEFAULT = (1 << 25, False)
 
 
 def _token_sum(t: torch.Tensor) -> torch.Tensor:
@@ -29,14 +33,18 @@ def _token_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def _token_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum over tokens of a * b (per output feature), in float32, chunk by chunk."""
+    """sum over tokens of a * b (per output feature), accumulated in float32, chunk by chunk."""
     a = a.reshape(-1, a.shape[-1])
     b = b.reshape(-1, b.shape[-1])
+    elements, upcast = _DOT_CHUNKING.get(a.device.type, _DOT_CHUNKING_DEFAULT)
+    rows = max(1, elements // max(1, a.shape[1]))
     out = torch.zeros(a.shape[1], dtype=torch.float32, device=a.device)
-    rows = max(1, _DOT_CHUNK_ELEMENTS // max(1, a.shape[1]))
     for start in range(0, a.shape[0], rows):
         a_rows, b_rows = a[start : start + rows], b[start : start + rows]
-        out += (a_rows.float() * b_rows.float()).sum(dim=0)
+        if upcast:
+            out += (a_rows.float() * b_rows.float()).sum(dim=0)
+        else:
+            out += torch.mul(a_rows, b_rows).sum(dim=0, dtype=torch.float32)
     return out
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-# Rows of a low-precision W0 converted to float32 at a time: bounds the temporary to ~64 MiB.
-_CHUNK_ELEMENTS = 1 << 24
+# Rows of a low-precision W0 converted to float32 at a time: bounds the temporary to ~16 MiB.
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def _row_chunks(weight: torch.Tensor):
