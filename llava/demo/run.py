@@ -102,7 +102,8 @@ def make_base(cfg: DemoConfig) -> None:
     corpus = cfg.data_dir / "text" / "corpus.txt"
     sentences = corpus.read_text().splitlines()
     base = build_tiny_base(cfg.out_dir / "base", sentences, TinySizes(**cfg.sizes), seed=cfg.seed)
-    pretrain_language_model(base.language_model, corpus, steps=cfg.lm_steps, seed=cfg.seed)
+    dialogues = cfg.data_dir / "text" / "llava_demo_text.json"
+    pretrain_language_model(base.language_model, corpus, dialogues, steps=cfg.lm_steps, seed=cfg.seed)
 
 
 def pretrain_projector(cfg: DemoConfig) -> None:

@@ -15,6 +15,7 @@ Written under OUT_ROOT:
     train/llava_demo_mix.json + train/images/     mix665k format (--data_path, --image_folder OUT_ROOT/train)
     pretrain/llava_demo_pretrain.json + images/   stage-1 caption pairs (LLaVA's pretrain format)
     text/corpus.txt                               every prompt / answer line, for the tiny tokenizer and LM
+    text/llava_demo_text.json                     text-only chats (scene in words) for the LM's pretraining
     eval/                                         laid out as ./playground/data/eval (FORMATS.md)
 
 Each part draws from its own random stream (seed, part), so training scenes differ from the evaluation
@@ -680,21 +681,28 @@ def _follow_ups(rng: random.Random, benchmark: str, qtype: QuestionType, scene: 
     return questions
 
 
-def training_sample(rng: random.Random, benchmark: str, index: int, image_folder: Path,
-                    drawn: tuple[QuestionType, Scene, Question], corpus: Corpus) -> dict[str, Any]:
-    """One mix665k item; images under image_folder/images/<benchmark>/."""
+def _conversation(rng: random.Random, benchmark: str, drawn: tuple[QuestionType, Scene, Question],
+                  image_text: str) -> list[dict[str, str]]:
+    """The turns of one item; `image_text` stands where the image goes (the `<image>` tag, or words)."""
     qtype, scene, question = drawn
-    sample: dict[str, Any] = {"id": f"{benchmark}-{index:06d}"}
-    if question.image:
-        extension = "png" if benchmark == "scienceqa" else "jpg"
-        sample["image"] = f"images/{benchmark}/{index:06d}.{extension}"
-        save_image(scene, image_folder / sample["image"])
-    turns = [_turn("human", training_prompt(benchmark, question)), _turn("gpt", training_answer(question))]
+    prompt = training_prompt(benchmark, question).replace(IMAGE_TAG, image_text, 1)
+    turns = [_turn("human", prompt), _turn("gpt", training_answer(question))]
     if benchmark in MULTI_TURN and rng.random() < 1 / 3:
         for follow_up in _follow_ups(rng, benchmark, qtype, scene, question.text):
             turns += [_turn("human", question_text(benchmark, follow_up)), _turn("gpt", training_answer(follow_up))]
-    sample["conversations"] = turns
-    corpus.add(*(turn["value"] for turn in turns))
+    return turns
+
+
+def training_sample(rng: random.Random, benchmark: str, index: int, image_folder: Path,
+                    drawn: tuple[QuestionType, Scene, Question], corpus: Corpus) -> dict[str, Any]:
+    """One mix665k item; images under image_folder/images/<benchmark>/."""
+    sample: dict[str, Any] = {"id": f"{benchmark}-{index:06d}"}
+    if drawn[2].image:
+        extension = "png" if benchmark == "scienceqa" else "jpg"
+        sample["image"] = f"images/{benchmark}/{index:06d}.{extension}"
+        save_image(drawn[1], image_folder / sample["image"])
+    sample["conversations"] = _conversation(rng, benchmark, drawn, IMAGE_TAG)
+    corpus.add(*(turn["value"] for turn in sample["conversations"]))
     return sample
 
 
@@ -707,6 +715,30 @@ def write_train(out_dir: Path, seed: int, n: int, corpus: Corpus) -> Path:
             samples.append(training_sample(rng, benchmark, index, out_dir, drawn, corpus))
     stream(seed, "train", "order").shuffle(samples)
     return _write_json(out_dir / "llava_demo_mix.json", samples)
+
+
+def describe(scene: Scene) -> str:
+    """The scene in words, e.g. "The image shows two red circles at the top left and bottom right." """
+    return f"The image shows {caption(scene)}."
+
+
+def write_text_dialogues(out_dir: Path, seed: int, n: int, corpus: Corpus) -> Path:
+    """Text-only chats for the language model's pretraining: every question type of the mix, with the
+    scene described in words where the image would be.
+
+    This is the demo's stand-in for what Vicuna already knows before visual instruction tuning: how to
+    answer a yes/no question or pick an option's letter from what it has been told. Instruction tuning
+    then only has to teach the model to read the same facts from the image.
+    """
+    samples = []
+    for benchmark, count in _split_evenly(n, BENCHMARKS).items():
+        rng = stream(seed, "text", benchmark)
+        for index, drawn in enumerate(draw_questions(rng, benchmark, count)):
+            turns = _conversation(rng, benchmark, drawn, describe(drawn[1]) if drawn[2].image else "")
+            corpus.add(*(turn["value"] for turn in turns))
+            samples.append({"id": f"text-{benchmark}-{index:06d}", "conversations": turns})
+    stream(seed, "text", "order").shuffle(samples)
+    return _write_json(out_dir / "llava_demo_text.json", samples)
 
 
 def write_pretrain(out_dir: Path, seed: int, n: int, corpus: Corpus) -> Path:
@@ -958,20 +990,22 @@ def _timed(name: str, write: Callable[..., Path], *args: Any) -> Path:
 
 
 def generate(out_root: str | Path, seed: int = 0, n_train: int = 4000, n_eval: int = 40,
-             n_pretrain: int | None = None) -> dict[str, Path]:
+             n_pretrain: int | None = None, n_text: int | None = None) -> dict[str, Path]:
     """Write the whole task under out_root; returns the paths the demo passes to training and evaluation.
 
     n_eval is the number of questions per benchmark (per category for POPE); n_pretrain defaults to
-    n_train // 2. Every evaluation answer is a training answer once each benchmark's share of n_train
+    n_train // 2, n_text (text-only chats for the language model) to 2 * n_train. Every evaluation answer is a training answer once each benchmark's share of n_train
     goes through all its (question type, answer) pairs: n_train >= 175 (7 benchmarks x 25).
     """
     out_root = Path(out_root)
     n_pretrain = n_train // 2 if n_pretrain is None else n_pretrain
+    n_text = 2 * n_train if n_text is None else n_text
     corpus = Corpus()
     corpus.add(*_vicuna_lines())
     paths: dict[str, Path] = {}
     paths["train"] = _timed("train", write_train, out_root / "train", seed, n_train, corpus)
     paths["pretrain"] = _timed("pretrain", write_pretrain, out_root / "pretrain", seed, n_pretrain, corpus)
+    paths["dialogues"] = _timed("text", write_text_dialogues, out_root / "text", seed, n_text, corpus)
     paths["train_image_folder"], paths["pretrain_image_folder"] = paths["train"].parent, paths["pretrain"].parent
     for benchmark, write_benchmark in EVAL_WRITERS.items():
         rng = stream(seed, "eval", benchmark)
@@ -987,12 +1021,13 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train", type=int, default=4000, help="instruction-tuning samples")
     parser.add_argument("--pretrain", type=int, help="projector-pretraining pairs (default: --train / 2)")
+    parser.add_argument("--text", type=int, help="text-only chats for the language model (default: 2 x --train)")
     parser.add_argument("--eval-per-benchmark", type=int, default=40,
                         help="questions per benchmark (per category for POPE)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
-    paths = generate(args.out_root, args.seed, args.train, args.eval_per_benchmark, args.pretrain)
+    paths = generate(args.out_root, args.seed, args.train, args.eval_per_benchmark, args.pretrain, args.text)
     logger.info("done in %.1f s: %s", time.perf_counter() - start, args.out_root)
     return paths
 
