@@ -1,10 +1,10 @@
 """Briefly pretrain the tiny language model on generated text, as Vicuna is pretrained for the real model.
 
 Adapters adapt: LoRA and DoRA only move a model that already speaks the language of the task. A
-random-weight base would leave them nothing to adapt, so the demo's base first learns, by plain
-next-token prediction over packed sequences, the corpus lines and text-only chats in the conversation
-template where the scene is described in words (as Vicuna can answer from what it is told before
-LLaVA teaches it to look).
+random-weight base would leave them nothing to adapt, so the demo's base first learns, by
+next-token prediction on whole documents, the corpus lines, plain-text scene facts, and text-only
+chats in the conversation template where the scene is described in words (as Vicuna can answer from
+what it is told before LLaVA teaches it to look).
 """
 
 from __future__ import annotations
@@ -25,25 +25,32 @@ from llava.train.data import build_conversation_prompt, supervised_mask, tokeniz
 logger = logging.getLogger(__name__)
 
 
-def packed_batches(ids: torch.Tensor, labels: torch.Tensor, seq_len: int, batch_size: int,
-                   generator: torch.Generator):
-    """Endless random windows of ``seq_len`` tokens (and their labels) from one long token stream."""
-    starts = len(ids) - seq_len - 1
-    if starts <= 0:
-        raise ValueError(f"the corpus has {len(ids)} tokens, fewer than one window of {seq_len + 1}")
+def document_batches(docs: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
+                     generator: torch.Generator):
+    """Endless batches of whole documents drawn at random, right-padded (padding is never learned).
+
+    Documents are not packed together: a chat must not see the previous chat's scene, as at
+    instruction tuning, where every sample stands alone.
+    """
     while True:
-        offsets = torch.randint(0, starts, (batch_size,), generator=generator).tolist()
-        yield (torch.stack([ids[o : o + seq_len] for o in offsets]),
-               torch.stack([labels[o : o + seq_len] for o in offsets]))
+        picks = torch.randint(0, len(docs), (batch_size,), generator=generator).tolist()
+        width = max(len(docs[k][0]) for k in picks)
+        ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
+        labels = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long)
+        for row, k in enumerate(picks):
+            doc_ids, doc_labels = docs[k]
+            ids[row, : len(doc_ids)] = torch.tensor(doc_ids)
+            labels[row, : len(doc_labels)] = torch.tensor(doc_labels)
+        yield ids, labels
 
 
-def documents(tokenizer, corpus: Path, dialogues: Path | None, conv_mode: str) -> list[tuple[list[int], list[int]]]:
-    """(input ids, labels) of every corpus line (all tokens learned) and every chat rendered in the
+def documents(tokenizer, texts: list[str], dialogues: Path | None, conv_mode: str,
+              max_tokens: int = 512) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) of every plain text (all tokens learned) and every chat rendered in the
     conversation template (only the answers learned, as in instruction tuning); each ends in EOS."""
-    lines = [line for line in Path(corpus).read_text().splitlines() if line.strip()]
     docs = []
-    for line in lines:
-        ids = tokenizer(line).input_ids + [tokenizer.eos_token_id]
+    for text in texts:
+        ids = (tokenizer(text).input_ids + [tokenizer.eos_token_id])[:max_tokens]
         docs.append((ids, ids))
     if dialogues is not None:
         conv = conv_templates[conv_mode]
@@ -51,7 +58,8 @@ def documents(tokenizer, corpus: Path, dialogues: Path | None, conv_mode: str) -
             prompt, spans = build_conversation_prompt(sample["conversations"], conv, sample.get("id", "?"))
             ids, offsets = tokenize_with_offsets(prompt, tokenizer, has_image=False)
             mask = supervised_mask(offsets, spans)
-            docs.append((ids, [i if learned else IGNORE_INDEX for i, learned in zip(ids, mask)]))
+            labels = [i if learned else IGNORE_INDEX for i, learned in zip(ids, mask)]
+            docs.append((ids[:max_tokens], labels[:max_tokens]))
     return docs
 
 
@@ -59,31 +67,38 @@ def pretrain_language_model(
     model_dir: Path,
     corpus: Path,
     dialogues: Path | None = None,
+    facts: Path | None = None,
     steps: int = 300,
-    seq_len: int = 256,
-    batch_size: int = 16,
-    lr: float = 3e-3,
+    batch_size: int = 32,
+    lr: float = 2e-3,
     seed: int = 0,
     conv_mode: str = "vicuna_v1",
 ) -> list[float]:
-    """Train ``model_dir`` (a LlamaForCausalLM folder with its tokenizer) in place; returns the losses."""
+    """Train ``model_dir`` (a LlamaForCausalLM folder with its tokenizer) in place; returns the losses.
+
+    ``corpus`` is one text a line; ``facts`` a JSON list of texts; ``dialogues`` chats in the mix665k
+    format without images.
+    """
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = LlamaForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
-    docs = documents(tokenizer, corpus, dialogues, conv_mode)
-    ids = torch.tensor([token for doc, _ in docs for token in doc])
-    labels = torch.tensor([label for _, doc_labels in docs for label in doc_labels])
-    logger.info("Pretraining the language model on %d documents (%d tokens) for %d steps", len(docs), len(ids), steps)
+    texts = [line for line in Path(corpus).read_text().splitlines() if line.strip()]
+    if facts is not None:
+        texts += json.loads(Path(facts).read_text())
+    docs = documents(tokenizer, texts, dialogues, conv_mode)
+    tokens = sum(len(ids) for ids, _ in docs)
+    logger.info("Pretraining the language model on %d documents (%d tokens) for %d steps", len(docs), tokens, steps)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
-    batches = packed_batches(ids, labels, seq_len, batch_size, torch.Generator().manual_seed(seed))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+    batches = document_batches(docs, batch_size, pad_id, torch.Generator().manual_seed(seed))
     model.train()
     losses = []
-    bar = tqdm(range(steps), desc="pretraining the tiny language model", leave=False)
+    bar = tqdm(range(steps), desc="pretraining the tiny language model", leave=False, mininterval=2.0)
     for _ in bar:
         batch, batch_labels = next(batches)
         loss = model(input_ids=batch, labels=batch_labels).loss

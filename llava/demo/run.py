@@ -38,7 +38,7 @@ class DemoConfig:
     seed: int = 0
     n_train: int = 3000
     n_eval: int = 40
-    lm_steps: int = 300
+    lm_steps: int = 1500
     projector_epochs: float = 1.0
     finetune_epochs: float = 2.0
     lora_r: int = 16
@@ -49,7 +49,7 @@ class DemoConfig:
     batch: int = 16
     eval_batch: int = 16
     methods: tuple[str, ...] = ("ft", "lora", "dora")
-    sizes: dict = field(default_factory=dict)
+    sizes: dict = field(default_factory=lambda: dict(vocab_size=800, hidden_size=128, intermediate_size=256, num_layers=3))
 
 
 ROW_NAMES = {"base": "Base (untrained)", "ft": "FT", "lora": "LoRA", "dora": "DoRA"}
@@ -102,8 +102,9 @@ def make_base(cfg: DemoConfig) -> None:
     corpus = cfg.data_dir / "text" / "corpus.txt"
     sentences = corpus.read_text().splitlines()
     base = build_tiny_base(cfg.out_dir / "base", sentences, TinySizes(**cfg.sizes), seed=cfg.seed)
-    dialogues = cfg.data_dir / "text" / "llava_demo_text.json"
-    pretrain_language_model(base.language_model, corpus, dialogues, steps=cfg.lm_steps, seed=cfg.seed)
+    text = cfg.data_dir / "text"
+    pretrain_language_model(base.language_model, corpus, text / "llava_demo_text.json", text / "llava_demo_facts.json",
+                            steps=cfg.lm_steps, seed=cfg.seed)
 
 
 def pretrain_projector(cfg: DemoConfig) -> None:

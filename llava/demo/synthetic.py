@@ -16,6 +16,7 @@ Written under OUT_ROOT:
     pretrain/llava_demo_pretrain.json + images/   stage-1 caption pairs (LLaVA's pretrain format)
     text/corpus.txt                               every prompt / answer line, for the tiny tokenizer and LM
     text/llava_demo_text.json                     text-only chats (scene in words) for the LM's pretraining
+    text/llava_demo_facts.json                    plain-text scene facts and worked answers, for the same
     eval/                                         laid out as ./playground/data/eval (FORMATS.md)
 
 Each part draws from its own random stream (seed, part), so training scenes differ from the evaluation
@@ -722,6 +723,52 @@ def describe(scene: Scene) -> str:
     return f"The image shows {caption(scene)}."
 
 
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def inventory(rng: random.Random, scene: Scene, described: bool = True) -> str:
+    """The scene's description (unless not ``described``) followed by a yes/no fact for every shape,
+    colour and side, and the count, e.g. "The image shows a blue cross at the top right. circle no,
+    cross yes, ... count 1."
+
+    A question word is followed at once by its answer here, so a small model learns, with a direct
+    gradient, to notice whether a word of the question was already said; the chats' yes/no and
+    option-letter answers build on that (learned from the chats alone, they stall at chance).
+    """
+    blobs = scene.blobs
+    groups = [[f"{s} {_yes_no(any(b.shape == s for b in blobs))}" for s in SHAPES],
+              [f"{c} {_yes_no(any(b.colour == c for b in blobs))}" for c in sorted(COLOURS)]]
+    if scene.kind == "shapes":
+        groups += [[f"{side} {_yes_no(any(_side(b) == side for b in blobs))}" for side in SIDES],
+                   [f"{h} {_yes_no(any(b.cell.startswith(h) for b in blobs))}" for h in HEIGHTS]]
+    for group in groups:
+        rng.shuffle(group)
+    facts = ". ".join(", ".join(group) for group in groups) + f". count {len(blobs)}."
+    return f"{describe(scene)} {facts}" if described else facts
+
+
+def choice_facts(benchmark: str, scene: Scene, question: Question) -> str:
+    """A multiple-choice question written out with a yes/no after every option, then its letter."""
+    context = f"{describe(scene)}\n" if question.image else ""
+    hint = question.hint and (f"Context: {question.hint}\n" if benchmark == "scienceqa" else f"{question.hint}\n")
+    options = "\n".join(f"{letter}. {choice} {_yes_no(letter == question.answer)}"
+                        for letter, choice in zip(LETTERS, question.choices))
+    return f"{context}{hint}{question.text}\n{options}\nThe answer is {question.answer}."
+
+
+def write_text_facts(out_dir: Path, seed: int, n: int, corpus: Corpus) -> Path:
+    """Plain-text documents for the language model: scene inventories and worked multiple-choice answers."""
+    rng = stream(seed, "facts")
+    documents = [inventory(rng, rng.choice((shapes_scene, single_scene, centred_scene))(rng)) for _ in range(n // 2)]
+    for benchmark, count in _split_evenly(n - n // 2, ("scienceqa", "mmbench")).items():
+        documents += [choice_facts(benchmark, scene, question)
+                      for _, scene, question in draw_questions(stream(seed, "facts", benchmark), benchmark, count)]
+    rng.shuffle(documents)
+    corpus.add(*documents)
+    return _write_json(out_dir / "llava_demo_facts.json", documents)
+
+
 def write_text_dialogues(out_dir: Path, seed: int, n: int, corpus: Corpus) -> Path:
     """Text-only chats for the language model's pretraining: every question type of the mix, with the
     scene described in words where the image would be.
@@ -742,7 +789,12 @@ def write_text_dialogues(out_dir: Path, seed: int, n: int, corpus: Corpus) -> Pa
 
 
 def write_pretrain(out_dir: Path, seed: int, n: int, corpus: Corpus) -> Path:
-    """Stage-1 pairs: image + a brief request -> caption (the plain template keeps only image and caption)."""
+    """Stage-1 pairs: image + a brief request -> caption (the plain template keeps only image and caption).
+
+    Half the shape images are captioned with their facts instead of a sentence ("circle no, cross yes,
+    ..."): the language model learned in its pretraining to notice a word said before, so these teach
+    the projector to make image tokens that answer to the same words.
+    """
     rng = stream(seed, "pretrain")
     samplers = (shapes_scene, shapes_scene, single_scene, centred_scene, words_scene, unreadable_scene)
     samples = []
@@ -751,6 +803,8 @@ def write_pretrain(out_dir: Path, seed: int, n: int, corpus: Corpus) -> Path:
         image = f"images/{index:06d}.jpg"
         save_image(scene, out_dir / image)
         request, text = rng.choice(PRETRAIN_REQUESTS), caption(scene)
+        if scene.kind in ("shapes", "centred") and rng.random() < 0.5:
+            text = inventory(rng, scene, described=False)
         corpus.add(request, text)
         samples.append({"id": f"pretrain-{index:06d}", "image": image,
                         "conversations": [_turn("human", f"{IMAGE_TAG}\n{request}"), _turn("gpt", text)]})
@@ -994,11 +1048,11 @@ def generate(out_root: str | Path, seed: int = 0, n_train: int = 4000, n_eval: i
     """Write the whole task under out_root; returns the paths the demo passes to training and evaluation.
 
     n_eval is the number of questions per benchmark (per category for POPE); n_pretrain defaults to
-    n_train // 2, n_text (text-only chats for the language model) to 2 * n_train. Every evaluation answer is a training answer once each benchmark's share of n_train
+    n_train, n_text (text-only chats for the language model) to 2 * n_train. Every evaluation answer is a training answer once each benchmark's share of n_train
     goes through all its (question type, answer) pairs: n_train >= 175 (7 benchmarks x 25).
     """
     out_root = Path(out_root)
-    n_pretrain = n_train // 2 if n_pretrain is None else n_pretrain
+    n_pretrain = n_train if n_pretrain is None else n_pretrain
     n_text = 2 * n_train if n_text is None else n_text
     corpus = Corpus()
     corpus.add(*_vicuna_lines())
@@ -1006,6 +1060,7 @@ def generate(out_root: str | Path, seed: int = 0, n_train: int = 4000, n_eval: i
     paths["train"] = _timed("train", write_train, out_root / "train", seed, n_train, corpus)
     paths["pretrain"] = _timed("pretrain", write_pretrain, out_root / "pretrain", seed, n_pretrain, corpus)
     paths["dialogues"] = _timed("text", write_text_dialogues, out_root / "text", seed, n_text, corpus)
+    paths["facts"] = _timed("facts", write_text_facts, out_root / "text", seed, n_text, corpus)
     paths["train_image_folder"], paths["pretrain_image_folder"] = paths["train"].parent, paths["pretrain"].parent
     for benchmark, write_benchmark in EVAL_WRITERS.items():
         rng = stream(seed, "eval", benchmark)
@@ -1020,7 +1075,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("out_root", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train", type=int, default=4000, help="instruction-tuning samples")
-    parser.add_argument("--pretrain", type=int, help="projector-pretraining pairs (default: --train / 2)")
+    parser.add_argument("--pretrain", type=int, help="projector-pretraining pairs (default: --train)")
     parser.add_argument("--text", type=int, help="text-only chats for the language model (default: 2 x --train)")
     parser.add_argument("--eval-per-benchmark", type=int, default=40,
                         help="questions per benchmark (per category for POPE)")
