@@ -126,6 +126,84 @@ def test_pretraining_pairs(data):
         assert (data[1]["pretrain_image_folder"] / sample["image"]).is_file()
 
 
+SHAPE_WORDS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+
+
+def _mentions(text: str, shape: str) -> bool:
+    return bool(re.search(rf"\b({shape}|{SHAPE_WORDS[shape]})\b", text))
+
+
+def test_text_chats_say_in_words_what_the_image_would_show(data):
+    """The language model's chats: no image, the scene described where the image goes, and answers
+    that follow from the description alone (checked here by reading the words, not the generator)."""
+    chats = json.loads(data[1]["dialogues"].read_text())
+    assert len(chats) == 2 * SIZES["n_train"]
+    assert {c["id"].split("-")[1] for c in chats} == set(BENCHMARKS)
+    checked = Counter()
+    for chat in chats:
+        turns = chat["conversations"]
+        assert "<image>" not in json.dumps(turns)
+        first = turns[0]["value"].split("\n")
+        question, answer = first[1] if first[0].startswith("The image shows ") else first[0], turns[1]["value"]
+        description = first[0] if first[0].startswith("The image shows ") else None
+        if chat["id"].split("-")[1] in ("pope", "vqav2") and (m := re.fullmatch(r"Is there an? (\w+) in the image\?", question)):
+            assert answer == ("Yes" if _mentions(description, m.group(1)) else "No"), chat
+            checked["pope"] += 1
+        elif question == "What color is this?" and chat["id"].split("-")[1] == "vizwiz":
+            colour = re.search(r"large (\w+) ", description)
+            assert answer == (colour.group(1) if colour else "Unanswerable"), chat
+            checked["vizwiz"] += 1
+    assert checked["pope"] > 5 and checked["vizwiz"] > 5
+
+
+def _facts(text: str) -> dict[str, str]:
+    return dict(re.findall(r"(\w+) (yes|no)\b", text))
+
+
+def test_scene_facts_agree_with_the_rendered_pixels():
+    """Every yes/no fact of an inventory, checked against the image itself: a colour is there if
+    pixels of that colour are, a side or height if non-white pixels are; shapes against the drawn blobs."""
+    import random
+
+    from llava.demo import synthetic
+
+    rng = random.Random(7)
+    for _ in range(60):
+        scene = rng.choice((synthetic.shapes_scene, synthetic.single_scene, synthetic.centred_scene))(rng)
+        text = synthetic.inventory(rng, scene)
+        assert text.startswith(synthetic.describe(scene) + " ")
+        facts = _facts(text.replace(synthetic.describe(scene), ""))
+        bare = synthetic.inventory(random.Random(1), scene, described=False)
+        assert not bare.startswith("The image") and _facts(bare) == facts
+        image = synthetic.render(scene).convert("RGB")
+        raw = image.tobytes()
+        pixels = [tuple(raw[k : k + 3]) for k in range(0, len(raw), 3)]
+        half = synthetic.IMAGE_SIZE // 2
+        for colour, rgb in synthetic.COLOURS.items():
+            count = sum(max(abs(a - b) for a, b in zip(p, rgb)) < 40 for p in pixels)
+            assert facts[colour] == ("yes" if count > 20 else "no"), (colour, text)
+        ink = [(k % synthetic.IMAGE_SIZE, k // synthetic.IMAGE_SIZE) for k, p in enumerate(pixels) if min(p) < 200]
+        if scene.kind == "shapes":
+            assert facts["left"] == ("yes" if any(x < half for x, _ in ink) else "no"), text
+            assert facts["right"] == ("yes" if any(x >= half for x, _ in ink) else "no"), text
+            assert facts["top"] == ("yes" if any(y < half for _, y in ink) else "no"), text
+            assert facts["bottom"] == ("yes" if any(y >= half for _, y in ink) else "no"), text
+        for shape in SHAPE_WORDS:
+            assert facts[shape] == ("yes" if any(b.shape == shape for b in scene.blobs) else "no")
+        assert text.endswith(f"count {len(scene.blobs)}.")
+
+
+def test_worked_choice_facts_mark_only_the_right_option(data):
+    facts = json.loads(data[1]["facts"].read_text())
+    worked = [f for f in facts if "\nThe answer is " in f]
+    assert worked and len(worked) < len(facts)
+    for text in worked:
+        letter = re.search(r"\nThe answer is ([A-D])\.$", text).group(1)
+        options = re.findall(r"^([A-D])\. .* (yes|no)$", text, flags=re.M)
+        assert [l for l, yes in options if yes == "yes"] == [letter], text
+        assert [l for l, _ in options] == list(LETTERS[: len(options)])
+
+
 def _signature(message: str) -> str:
     """A prompt with its variable parts blanked (question and hint lines, options, OCR tokens, context),
     runs of blanked lines counted once: what must match is the wording around them."""

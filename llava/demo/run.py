@@ -38,13 +38,13 @@ class DemoConfig:
     seed: int = 0
     n_train: int = 3000
     n_eval: int = 40
-    lm_steps: int = 1500
-    projector_epochs: float = 1.0
+    lm_steps: int = 2000
+    projector_epochs: float = 2.0
     finetune_epochs: float = 2.0
     lora_r: int = 16
     lora_alpha: int = 32
     lr_adapter: float = 2e-3
-    lr_full: float = 5e-4
+    lr_full: float = 2e-4
     lr_projector: float = 2e-3
     batch: int = 16
     eval_batch: int = 16

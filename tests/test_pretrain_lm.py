@@ -1,0 +1,64 @@
+"""The demo's language-model pretraining: what is learned from each document, and whole-document batches."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from llava.constants import IGNORE_INDEX
+from llava.demo.pretrain_lm import document_batches, documents, pretrain_language_model
+
+CHATS = [
+    {"id": "a", "conversations": [{"from": "human", "value": "The image shows a red circle.\nWhat color is it?"},
+                                  {"from": "gpt", "value": "red"}]},
+    {"id": "b", "conversations": [{"from": "human", "value": "Is there a dog?"}, {"from": "gpt", "value": "No"},
+                                  {"from": "human", "value": "How many cats?"}, {"from": "gpt", "value": "2"}]},
+]
+
+
+def test_plain_texts_learn_every_token_and_chats_only_their_answers(tiny_llama_tokenizer, tmp_path):
+    tok = tiny_llama_tokenizer
+    path = tmp_path / "chats.json"
+    path.write_text(json.dumps(CHATS))
+    docs = documents(tok, ["The cat is on the table."], path, "vicuna_v1")
+    assert len(docs) == 3
+    ids, labels = docs[0]
+    assert ids == labels and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    for (ids, labels), answers in zip(docs[1:], (["red"], ["No", "2"])):
+        assert len(ids) == len(labels)
+        learned = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+        assert learned == [label for label in labels if label != IGNORE_INDEX]
+        # The learned tokens are exactly each answer and its closing EOS, as instruction tuning masks them.
+        pieces = tok.decode(learned).split(tok.eos_token)
+        assert [p.strip() for p in pieces if p.strip()] == answers
+        assert learned.count(tok.eos_token_id) == len(answers)
+        prompt = tok.decode(ids)
+        assert prompt.startswith(tok.bos_token) and "A chat between" in prompt and "ASSISTANT:" in prompt
+
+
+def test_batches_hold_whole_documents_padded_and_never_learned():
+    docs = [([1, 5, 6, 2], [1, 5, 6, 2]), ([1, 7, 2], [IGNORE_INDEX, IGNORE_INDEX, 2]), ([1, 8, 9, 10, 11, 2], [1, 8, 9, 10, 11, 2])]
+    batches = document_batches(docs, batch_size=4, pad_id=0, generator=torch.Generator().manual_seed(0))
+    for _ in range(5):
+        ids, labels = next(batches)
+        assert ids.shape == labels.shape and ids.shape[0] == 4
+        for row_ids, row_labels in zip(ids.tolist(), labels.tolist()):
+            doc = next(d for d in docs if row_ids[: len(d[0])] == d[0])  # each row starts with one whole document
+            assert row_ids[len(doc[0]):] == [0] * (len(row_ids) - len(doc[0]))
+            assert row_labels == doc[1] + [IGNORE_INDEX] * (len(row_ids) - len(doc[0]))
+
+
+def test_pretraining_lowers_the_loss_and_saves_the_model(tiny_base, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "lm"
+    shutil.copytree(tiny_base.language_model, model_dir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the red circle is on the left.\nthe blue square is on the right.\n" * 20)
+    chats = tmp_path / "chats.json"
+    chats.write_text(json.dumps(CHATS * 10))
+    before = (model_dir / "model.safetensors").read_bytes()
+    losses = pretrain_language_model(model_dir, corpus, chats, steps=30, batch_size=8, lr=3e-3)
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    assert (model_dir / "model.safetensors").read_bytes() != before
