@@ -49,7 +49,16 @@ def test_batches_hold_whole_documents_padded_and_never_learned():
             assert row_labels == doc[1] + [IGNORE_INDEX] * (len(row_ids) - len(doc[0]))
 
 
-def test_pretraining_lowers_the_loss_and_saves_the_model(tiny_base, tmp_path):
+def _sentence_loss(model_dir, text: str) -> float:
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = torch.tensor([tok(text).input_ids])
+    with torch.no_grad():
+        return LlamaForCausalLM.from_pretrained(str(model_dir))(input_ids=ids, labels=ids).loss.item()
+
+
+def test_pretraining_learns_the_text_and_saves_the_model(tiny_base, tmp_path):
     import shutil
 
     model_dir = tmp_path / "lm"
@@ -58,7 +67,7 @@ def test_pretraining_lowers_the_loss_and_saves_the_model(tiny_base, tmp_path):
     corpus.write_text("the red circle is on the left.\nthe blue square is on the right.\n" * 20)
     chats = tmp_path / "chats.json"
     chats.write_text(json.dumps(CHATS * 10))
-    before = (model_dir / "model.safetensors").read_bytes()
-    losses = pretrain_language_model(model_dir, corpus, chats, steps=30, batch_size=8, lr=3e-3)
-    assert len(losses) == 30 and sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
-    assert (model_dir / "model.safetensors").read_bytes() != before
+    before = _sentence_loss(model_dir, "the red circle is on the left.")
+    losses = pretrain_language_model(model_dir, corpus, chats, steps=60, batch_size=8, lr=3e-3)
+    assert len(losses) == 60
+    assert _sentence_loss(model_dir, "the red circle is on the left.") < 0.5 * before
