@@ -190,7 +190,13 @@ def test_scene_facts_agree_with_the_rendered_pixels():
             assert facts["bottom"] == ("yes" if any(y >= half for _, y in ink) else "no"), text
         for shape in SHAPE_WORDS:
             assert facts[shape] == ("yes" if any(b.shape == shape for b in scene.blobs) else "no")
-        assert text.endswith(f"count {len(scene.blobs)}.")
+        assert f"count {len(scene.blobs)}." in text
+        # "left or right? left.": the named word is the one the facts say yes to, the other is a no.
+        either_or = re.findall(r"(\w+) or (\w+)\? (\w+)\.", text)
+        assert len(either_or) == (0 if len(scene.blobs) > 1 else 2 if scene.kind == "centred" else 4), text
+        for first, second, named in either_or:
+            other = second if named == first else first
+            assert named in (first, second) and facts[named] == "yes" and facts[other] == "no", text
 
 
 def test_worked_choice_facts_mark_only_the_right_option(data):

@@ -745,7 +745,26 @@ def inventory(rng: random.Random, scene: Scene, described: bool = True) -> str:
     for group in groups:
         rng.shuffle(group)
     facts = ". ".join(", ".join(group) for group in groups) + f". count {len(blobs)}."
+    if len(blobs) == 1:
+        facts += " " + " ".join(_either_or(rng, *pair) for pair in _pairs(rng, blobs[0], scene.kind))
     return f"{describe(scene)} {facts}" if described else facts
+
+
+def _pairs(rng: random.Random, blob: Blob, kind: str) -> list[tuple[str, str]]:
+    """(true, false) word pairs about one shape: its shape, its colour and, in a quadrant, its side and height."""
+    pairs = [(blob.shape, rng.choice([s for s in SHAPES if s != blob.shape])),
+             (blob.colour, rng.choice([c for c in sorted(COLOURS) if c != blob.colour]))]
+    if kind == "shapes":
+        side, height = _side(blob), blob.cell.split()[0]
+        pairs += [(side, next(s for s in SIDES if s != side)), (height, next(h for h in HEIGHTS if h != height))]
+    rng.shuffle(pairs)
+    return pairs
+
+
+def _either_or(rng: random.Random, true: str, false: str) -> str:
+    """ "left or right? left." in a random order of the two words: the step from noticing a word to saying it."""
+    first, second = rng.sample([true, false], 2)
+    return f"{first} or {second}? {true}."
 
 
 def choice_facts(benchmark: str, scene: Scene, question: Question) -> str:
