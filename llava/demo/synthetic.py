@@ -767,9 +767,9 @@ def _either_or(rng: random.Random, true: str, false: str) -> str:
     return f"{first} or {second}? {true}."
 
 
-def choice_facts(benchmark: str, scene: Scene, question: Question) -> str:
+def choice_facts(benchmark: str, scene: Scene, question: Question, described: bool = True) -> str:
     """A multiple-choice question written out with a yes/no after every option, then its letter."""
-    context = f"{describe(scene)}\n" if question.image else ""
+    context = f"{describe(scene)}\n" if question.image and described else ""
     hint = question.hint and (f"Context: {question.hint}\n" if benchmark == "scienceqa" else f"{question.hint}\n")
     options = "\n".join(f"{letter}. {choice} {_yes_no(letter == question.answer)}"
                         for letter, choice in zip(LETTERS, question.choices))
@@ -810,9 +810,10 @@ def write_text_dialogues(out_dir: Path, seed: int, n: int, corpus: Corpus) -> Pa
 def write_pretrain(out_dir: Path, seed: int, n: int, corpus: Corpus) -> Path:
     """Stage-1 pairs: image + a brief request -> caption (the plain template keeps only image and caption).
 
-    Half the shape images are captioned with their facts instead of a sentence ("circle no, cross yes,
-    ..."): the language model learned in its pretraining to notice a word said before, so these teach
-    the projector to make image tokens that answer to the same words.
+    Of the shape images, 40% are captioned with their facts instead of a sentence ("circle no, cross
+    yes, ...") and 20% with a worked multiple-choice question about them ("A. red no\nB. blue yes\nThe
+    answer is B."): the language model learned in its pretraining to notice a word said before, so
+    these teach the projector to make image tokens that answer to the same words.
     """
     rng = stream(seed, "pretrain")
     samplers = (shapes_scene, shapes_scene, single_scene, centred_scene, words_scene, unreadable_scene)
@@ -822,8 +823,15 @@ def write_pretrain(out_dir: Path, seed: int, n: int, corpus: Corpus) -> Path:
         image = f"images/{index:06d}.jpg"
         save_image(scene, out_dir / image)
         request, text = rng.choice(PRETRAIN_REQUESTS), caption(scene)
-        if scene.kind in ("shapes", "centred") and rng.random() < 0.5:
+        draw = rng.random()
+        if scene.kind in ("shapes", "centred") and draw < 0.4:
             text = inventory(rng, scene, described=False)
+        elif scene.kind in ("shapes", "centred") and draw < 0.6:
+            asks = (ask_mmb_colour, ask_mmb_shape)
+            if scene.kind == "shapes" and len(scene.blobs) == 1:
+                asks += (ask_mmb_where,)
+            ask = rng.choice(asks)
+            text = choice_facts("mmbench", scene, ask(rng, scene), described=False)
         corpus.add(request, text)
         samples.append({"id": f"pretrain-{index:06d}", "image": image,
                         "conversations": [_turn("human", f"{IMAGE_TAG}\n{request}"), _turn("gpt", text)]})
