@@ -822,16 +822,17 @@ def write_pretrain(out_dir: Path, seed: int, n: int, corpus: Corpus) -> Path:
         scene = rng.choice(samplers)(rng)
         image = f"images/{index:06d}.jpg"
         save_image(scene, out_dir / image)
-        request, text = rng.choice(PRETRAIN_REQUESTS), caption(scene)
-        draw = rng.random()
-        if scene.kind in ("shapes", "centred") and draw < 0.4:
+        request, draw = rng.choice(PRETRAIN_REQUESTS), rng.random()
+        has_shapes = scene.kind in ("shapes", "centred")
+        if has_shapes and draw < 0.4:
             text = inventory(rng, scene, described=False)
-        elif scene.kind in ("shapes", "centred") and draw < 0.6:
+        elif has_shapes and draw < 0.6:
             asks = (ask_mmb_colour, ask_mmb_shape)
             if scene.kind == "shapes" and len(scene.blobs) == 1:
                 asks += (ask_mmb_where,)
-            ask = rng.choice(asks)
-            text = choice_facts("mmbench", scene, ask(rng, scene), described=False)
+            text = choice_facts("mmbench", scene, rng.choice(asks)(rng, scene), described=False)
+        else:
+            text = caption(scene)
         corpus.add(request, text)
         samples.append({"id": f"pretrain-{index:06d}", "image": image,
                         "conversations": [_turn("human", f"{IMAGE_TAG}\n{request}"), _turn("gpt", text)]})
