@@ -219,6 +219,7 @@ def main() -> None:
         (out / "losses.json").write_text(json.dumps(losses))
         print(f"dora_zero3_worker: {len(losses)} steps in {t_train:.1f}s, losses {[round(x, 3) for x in losses]}")
     torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # an open gloo group can abort the rank at interpreter exit
 
 
 if __name__ == "__main__":

@@ -268,6 +268,19 @@ def train(attn_implementation: str | None = None) -> None:
     model.config.use_cache = True
     trainer.save_model(training_args.output_dir)
     logger.info("Saved the final model to %s", os.path.abspath(training_args.output_dir))
+    _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Let every rank finish, then close the process group before the interpreter exits.
+
+    Left open, a gloo group's worker threads can still be running while a rank's interpreter shuts
+    down, and that rank then aborts ("terminate called without an active exception") after a run
+    that finished and saved, so the launcher reports a failure.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
