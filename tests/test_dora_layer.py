@@ -217,6 +217,35 @@ def test_low_precision_forward_and_backward(dtype):
     assert len(grads) == 3 and all(g is not None and g.dtype == dtype and torch.isfinite(g).all() for g in grads)
 
 
+def test_bf16_base_with_float32_adapters():
+    """train.py's mix: the model is cast to bf16 before get_peft_model, whose adapter autocast keeps
+    A, B and m in float32. Output in the base's dtype, gradients in each adapter weight's dtype."""
+    torch.manual_seed(0)
+    base = TwoLayers().to(torch.bfloat16)
+    model = get_peft_model(copy.deepcopy(base), DoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"]))
+    randomise(model)
+    layer = model.base_model.model.up
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    assert layer.get_base_layer().weight.dtype == torch.bfloat16
+    x = torch.randn(4, 12).bfloat16()
+    g = torch.randn(4, 20)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), reference_linear(x, layer), rtol=3e-2, atol=3e-2)
+    (y.float() * g).sum().backward()
+
+    a = layer.lora_A["default"].weight.detach().double().requires_grad_()
+    b = layer.lora_B["default"].weight.detach().double().requires_grad_()
+    m = layer.lora_magnitude_vector["default"].weight.detach().double().requires_grad_()
+    w0, bias = layer.get_base_layer().weight.detach().double(), layer.get_base_layer().bias.detach().double()
+    v = w0 + layer.scaling["default"] * b @ a
+    ((m / torch.linalg.norm(v, dim=1).detach()) * (x.double() @ v.T) + bias).mul(g.double()).sum().backward()
+    for got, want in ((layer.lora_A["default"].weight.grad, a.grad), (layer.lora_B["default"].weight.grad, b.grad),
+                      (layer.lora_magnitude_vector["default"].weight.grad, m.grad)):  # fmt: skip
+        assert got.dtype == torch.float32
+        assert (got.double() - want).abs().max() <= 3e-2 * want.abs().max()
+
+
 def test_merge_unmerge_and_unload():
     base, model = dora_model()
     randomise(model)

@@ -1,15 +1,21 @@
-"""The DoRA output combination as one autograd function.
+"""The DoRA output combination, LoRA's B product included, as one autograd function.
 
-With n the (constant) row norm of W0 + sBA and scale = m / n:
+With n the (constant) row norm of W0 + sBA, scale = m / n and h = A x_d (x_d = dropout(x)):
 
-    y = result + (scale - 1) * base_d + scale * s * lora
+    y = result + (scale - 1) * base_d + scale * s * h B^T
 
-where result = W0 x + b, base_d = W0 x_d (x_d = dropout(x)) and lora = B A x_d. Without dropout
-x_d = x and this is y = scale * (W0 x + s B A x) + b.
+where result = W0 x + b and base_d = W0 x_d. Without dropout x_d = x and this is
+y = scale * (W0 x + s h B^T) + b, built in a single batch x out buffer: the B product is added to a
+copy of ``result`` inside the matrix multiplication, and the output is scaled in place.
 
-Plain autograd would keep an extra batch x out activation alive for the magnitude's gradient.
+Taking B in here is what keeps DoRA near LoRA's cost: the factors ``scale`` and ``s`` are folded
+into the small out x r operands of the backward products (B for the gradient of h, the out x r
+product for B's gradient) instead of into a batch x out gradient, so backward holds no batch x out
+buffer at all when the input needs no gradient.
+
+Plain autograd would also keep an extra batch x out activation alive for the magnitude's gradient.
 Without dropout we keep the output itself instead (it usually outlives the layer anyway) and
-recover W0 x + s B A x = (y - b) / scale in backward. An entry of m that is exactly zero then gets
+recover W0 x + s h B^T = (y - b) / scale in backward. An entry of m that is exactly zero then gets
 a zero gradient, the only case where the output does not determine the product.
 """
 
@@ -48,37 +54,45 @@ def _token_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """The tensor as a matrix with one row per token (a view when it can be)."""
+    return t.reshape(-1, t.shape[-1])
+
+
 class DoraCombine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, result, lora, base_d, magnitude, inv_norm, bias, scaling):
+    def forward(ctx, result, h, lora_B, base_d, magnitude, inv_norm, bias, scaling):
         dtype = result.dtype
-        ctx.lora_dtype = lora.dtype if lora is not None else None
-        scale = (magnitude.float() * inv_norm).to(dtype)
-        lora = lora.to(dtype) if lora is not None else None
+        scale32 = magnitude.float() * inv_norm
+        scale = scale32.to(dtype)
+        if h is not None:
+            h_rows, b_t = _rows(h).to(dtype), lora_B.to(dtype).t()
         if base_d is None:
-            # y = scale * (result - b + s * lora) + b, built in one buffer that becomes the output.
-            y = torch.add(result, lora, alpha=scaling) if lora is not None else result.clone()
-            if bias is not None:
-                y.sub_(bias)
+            if h is None:
+                y = result.clone()
+            else:
+                y = torch.addmm(_rows(result), h_rows, b_t, alpha=scaling).view(result.shape)
+            # scale * (y - b) + b, as scale * y + (1 - scale) * b.
             y.mul_(scale)
             if bias is not None:
-                y.add_(bias)
-            ctx.save_for_backward(y, magnitude, inv_norm, bias)
+                y.add_((bias.float() * (1 - scale32)).to(dtype))
+            saved = y
         else:
             base_d = base_d.to(dtype)
-            u = base_d if lora is None else torch.add(base_d, lora, alpha=scaling)
+            u = base_d if h is None else torch.addmm(_rows(base_d), h_rows, b_t, alpha=scaling).view(base_d.shape)
             y = torch.addcmul(result - base_d, u, scale)
-            ctx.save_for_backward(u, magnitude, inv_norm, None)
+            saved = u
+        ctx.save_for_backward(saved, h, lora_B, magnitude, inv_norm, bias)
         ctx.dropout = base_d is not None
         ctx.scaling = scaling
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        saved, magnitude, inv_norm, bias = ctx.saved_tensors
+        saved, h, lora_B, magnitude, inv_norm, bias = ctx.saved_tensors
         scale32 = magnitude.float() * inv_norm
         grad_m = None
-        if ctx.needs_input_grad[3]:
+        if ctx.needs_input_grad[4]:
             if ctx.dropout:
                 grad_m = _token_dot(grad, saved) * inv_norm
             else:
@@ -89,15 +103,23 @@ class DoraCombine(torch.autograd.Function):
                 m32 = magnitude.float()
                 grad_m = torch.where(m32 != 0, gy / torch.where(m32 != 0, m32, 1.0), 0.0)
             grad_m = grad_m.to(magnitude.dtype)
-        grad_lora = None
-        if ctx.lora_dtype is not None and ctx.needs_input_grad[1]:
-            grad_lora = (grad * (scale32 * ctx.scaling).to(grad.dtype)).to(ctx.lora_dtype)
+        grad_h = grad_lora_B = None
+        if h is not None:
+            # dL/d(h B^T) = grad * scale * s: the factor goes on the out x r side of each product.
+            factor = (scale32 * ctx.scaling).unsqueeze(1)
+            grad_rows = _rows(grad)
+            if ctx.needs_input_grad[1]:
+                b_scaled = (lora_B.float() * factor).to(grad.dtype)
+                grad_h = (grad_rows @ b_scaled).view(h.shape).to(h.dtype)
+            if ctx.needs_input_grad[2]:
+                product = grad_rows.t() @ _rows(h).to(grad.dtype)
+                grad_lora_B = (product.float() * factor).to(lora_B.dtype)
         grad_result = grad_base_d = None
         if ctx.dropout:
             if ctx.needs_input_grad[0]:
                 grad_result = grad
-            if ctx.needs_input_grad[2]:
+            if ctx.needs_input_grad[3]:
                 grad_base_d = grad * (scale32 - 1).to(grad.dtype)
         elif ctx.needs_input_grad[0]:
             grad_result = grad * scale32.to(grad.dtype)
-        return grad_result, grad_lora, grad_base_d, grad_m, None, None, None
+        return grad_result, grad_h, grad_lora_B, grad_base_d, grad_m, None, None, None

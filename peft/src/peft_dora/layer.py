@@ -74,17 +74,30 @@ def _gathered(*params: torch.Tensor):
 
 
 class DoraMagnitude(nn.Module):
-    """Holds m (shape [out]) and applies the DoRA output combination.
+    """Holds m (shape [out]) and applies the DoRA output combination, B's product included.
 
-    The combination runs inside this module's forward so that ZeRO-3 gathers m around it.
+    The combination runs inside this module's forward so that ZeRO-3 gathers m around it, and B
+    with it: under ZeRO-3 B is registered as this module's external parameter (``lora_B`` itself
+    never runs its forward, so its own hooks would not gather it).
     """
 
     def __init__(self, magnitude: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(magnitude)
 
-    def forward(self, result, lora, base_d, inv_norm, bias, scaling):
-        return DoraCombine.apply(result, lora, base_d, self.weight, inv_norm, bias, scaling)
+    def forward(self, result, h, lora_B, base_d, inv_norm, bias, scaling):
+        return DoraCombine.apply(result, h, lora_B, base_d, self.weight, inv_norm, bias, scaling)
+
+
+def _gather_with(holder: nn.Module, param: torch.Tensor) -> None:
+    """Make ZeRO-3 gather ``param`` whenever ``holder`` runs forward or backward (no-op otherwise)."""
+    if not hasattr(param, "ds_id"):
+        return
+    external = getattr(holder, "_external_params", None)
+    if external is None or id(param) not in external:
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        register_external_parameter(holder, param)
 
 
 def _base_weight(module: DoraLinear) -> torch.Tensor:
@@ -186,16 +199,20 @@ class DoraVariant(LoraVariant):
             if base.bias is not None:
                 base_d = base_d - base.bias
         magnitude_only = getattr(module, "_dora_magnitude_only", {}).get(active_adapter, False)
-        lora = None if magnitude_only else module.lora_B[active_adapter](module.lora_A[active_adapter](x_d))
+        h = lora_B = None
+        if not magnitude_only:
+            h = module.lora_A[active_adapter](x_d)
+            lora_B = module.lora_B[active_adapter].weight
         inv_norm = weight_norm(module, active_adapter).reciprocal()
         bias = None
         if base.bias is not None:
             with _gathered(base.bias):
                 # A copy when partitioned: the function keeps the bias for backward.
                 bias = base.bias.detach().clone() if hasattr(base.bias, "ds_id") else base.bias.detach()
-        return module.lora_magnitude_vector[active_adapter](
-            result, lora, base_d, inv_norm, bias, module.scaling[active_adapter]
-        )
+        holder = module.lora_magnitude_vector[active_adapter]
+        if lora_B is not None:
+            _gather_with(holder, lora_B)
+        return holder(result, h, lora_B, base_d, inv_norm, bias, module.scaling[active_adapter])
 
 
 class DoraLinear(LoraLinear):
