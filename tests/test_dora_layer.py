@@ -159,6 +159,26 @@ def test_gradients_equal_float64_reference_with_detached_norm():
     torch.testing.assert_close(layer.lora_magnitude_vector["default"].weight.grad.double(), m.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_zero_magnitude_entry_gets_zero_gradient_and_the_rest_exact():
+    """Without dropout the magnitude's gradient is read back from the output, which a zero entry of m
+    erases: that entry gets 0 (documented), every other entry its exact gradient."""
+    _, model = dora_model()
+    randomise(model)
+    layer = model.base_model.model.up
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight[3] = 0.0
+    x, g = torch.randn(6, 12), torch.randn(6, 20)
+    (layer(x) * g).sum().backward()
+    got = layer.lora_magnitude_vector["default"].weight.grad.double()
+    w0 = layer.get_base_layer().weight.detach().double()
+    a, b = layer.lora_A["default"].weight.detach().double(), layer.lora_B["default"].weight.detach().double()
+    v = w0 + layer.scaling["default"] * b @ a
+    exact = ((x.double() @ v.T) * g.double()).sum(0) / torch.linalg.norm(v, dim=1)
+    assert got[3] == 0
+    keep = torch.arange(20) != 3
+    torch.testing.assert_close(got[keep], exact[keep], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("chunking", [(1 << 18, True), (1 << 25, False), (7 * 20, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_magnitude_gradient_reduction_in_every_chunking_mode(monkeypatch, chunking, dtype):

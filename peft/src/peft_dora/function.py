@@ -44,14 +44,15 @@ def _token_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     b = b.reshape(-1, b.shape[-1])
     elements, upcast = _DOT_CHUNKING.get(a.device.type, _DOT_CHUNKING_DEFAULT)
     rows = max(1, elements // max(1, a.shape[1]))
-    out = torch.zeros(a.shape[1], dtype=torch.float32, device=a.device)
+    out = None
     for start in range(0, a.shape[0], rows):
         a_rows, b_rows = a[start : start + rows], b[start : start + rows]
         if upcast:
-            out += (a_rows.float() * b_rows.float()).sum(dim=0)
+            part = (a_rows.float() * b_rows.float()).sum(dim=0)
         else:
-            out += torch.mul(a_rows, b_rows).sum(dim=0, dtype=torch.float32)
-    return out
+            part = torch.mul(a_rows, b_rows).sum(dim=0, dtype=torch.float32)
+        out = part if out is None else out.add_(part)
+    return out if out is not None else torch.zeros(a.shape[1], dtype=torch.float32, device=a.device)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -90,7 +91,8 @@ class DoraCombine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         saved, h, lora_B, magnitude, inv_norm, bias = ctx.saved_tensors
-        scale32 = magnitude.float() * inv_norm
+        m32 = magnitude.float()
+        scale32 = m32 * inv_norm
         grad_m = None
         if ctx.needs_input_grad[4]:
             if ctx.dropout:
@@ -100,8 +102,7 @@ class DoraCombine(torch.autograd.Function):
                 gy = _token_dot(grad, saved)
                 if bias is not None:
                     gy = gy - bias.float() * _token_sum(grad)
-                m32 = magnitude.float()
-                grad_m = torch.where(m32 != 0, gy / torch.where(m32 != 0, m32, 1.0), 0.0)
+                grad_m = gy / m32.masked_fill(m32 == 0, float("inf"))
             grad_m = grad_m.to(magnitude.dtype)
         grad_h = grad_lora_B = None
         if h is not None:

@@ -108,6 +108,10 @@ def _base_weight(module: DoraLinear) -> torch.Tensor:
 
 def weight_norm(module: DoraLinear, adapter: str) -> torch.Tensor:
     """||W0 + sBA||_row in float32, reused while W0, A, B and s are unchanged."""
+    return _norm_and_inverse(module, adapter)[0]
+
+
+def _norm_and_inverse(module: DoraLinear, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
     base = module.get_base_layer()
     lora_A = module.lora_A[adapter].weight
     lora_B = module.lora_B[adapter].weight
@@ -124,7 +128,7 @@ def weight_norm(module: DoraLinear, adapter: str) -> torch.Tensor:
     )
     cached = module._dora_norm_cache.get(adapter)
     if cached is not None and cached[0] == key:
-        return cached[1]
+        return cached[1:]
     with _gathered(base.weight, lora_A, lora_B):
         weight = _base_weight(module)
         sq_key = (_param_key(base.weight), weight.dtype, weight.device)
@@ -133,8 +137,8 @@ def weight_norm(module: DoraLinear, adapter: str) -> torch.Tensor:
             sq = (sq_key, row_sq_norm(weight))
             module._dora_norm_cache["__w0_sq__"] = sq
         norm = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sq_norm=sq[1])
-    module._dora_norm_cache[adapter] = (key, norm)
-    return norm
+    module._dora_norm_cache[adapter] = (key, norm, norm.reciprocal())
+    return module._dora_norm_cache[adapter][1:]
 
 
 class DoraVariant(LoraVariant):
@@ -203,7 +207,7 @@ class DoraVariant(LoraVariant):
         if not magnitude_only:
             h = module.lora_A[active_adapter](x_d)
             lora_B = module.lora_B[active_adapter].weight
-        inv_norm = weight_norm(module, active_adapter).reciprocal()
+        inv_norm = _norm_and_inverse(module, active_adapter)[1]
         bias = None
         if base.bias is not None:
             with _gathered(base.bias):

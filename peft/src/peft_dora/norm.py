@@ -1,6 +1,7 @@
 """Row norms of W0 + s * B @ A without building the out x in matrix.
 
 ||W0 + sBA||_row^2 = ||W0||_row^2 + 2s * rowsum(B * (W0 A^T)) + s^2 * rowsum((B (A A^T)) * B)
+                   = ||W0||_row^2 + 2s * rowsum(B * (W0 A^T + (s/2) B (A A^T)))
 
 The largest temporaries are out x r and r x r. Everything is accumulated in float32 whatever the
 dtype of W0, because the norm divides the magnitude and its rounding error is felt by every output.
@@ -27,9 +28,8 @@ def row_sq_norm(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.linalg.vector_norm(chunk, dim=1).square() for chunk in _row_chunks(weight)])
 
 
-def weight_times_at(weight: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
-    """W0 @ A^T (out x r) in float32."""
-    a_t = lora_A.float().t()
+def weight_times_at(weight: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
+    """W0 @ A^T (out x r) in float32, given A^T in float32."""
     if weight.dtype == torch.float32:
         return weight @ a_t
     return torch.cat([chunk @ a_t for chunk in _row_chunks(weight)])
@@ -49,10 +49,10 @@ def dora_weight_norm(
     """
     if weight_sq_norm is None:
         weight_sq_norm = row_sq_norm(weight)
-    a = lora_A.float()
+    a_t = lora_A.float().t()
     b = lora_B.float()
-    # In-place products: one out x r temporary alive at a time.
-    cross = weight_times_at(weight, a).mul_(b).sum(dim=1)
-    quad = (b @ (a @ a.t())).mul_(b).sum(dim=1)
-    sq = weight_sq_norm + (2.0 * scaling) * cross + (scaling * scaling) * quad
+    # Both terms as one row dot with B: rowsum(B * (W0 A^T + (s/2) B A A^T)) = cross + (s/2) quad,
+    # with one out x r temporary, written in place.
+    terms = weight_times_at(weight, a_t).addmm_(b, a_t.t() @ a_t, alpha=scaling / 2)
+    sq = torch.add(weight_sq_norm, torch.linalg.vecdot(b, terms), alpha=2.0 * scaling)
     return sq.clamp_min_(0.0).sqrt_()
