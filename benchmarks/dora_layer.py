@@ -242,6 +242,19 @@ def run_one(method: str, shape: str, tokens: int, args: argparse.Namespace) -> d
     return None
 
 
+def macs_floor(d_in: int, d_out: int, tokens: int, input_grad: bool, dropout: float) -> float:
+    """Least possible DoRA / LoRA ratio of multiply-adds for one step of this benchmark.
+
+    LoRA: W0 x, A x, B h forward; gradients of B and A (and of x: through W0 and A) backward.
+    Exact DoRA adds the norm's W0 A^T once per optimizer step (its r x r terms are negligible),
+    and with dropout W0 dropout(x) (and its input gradient).
+    """
+    ig = 1 if input_grad else 0
+    lora = tokens * d_in * d_out * (1 + ig) + tokens * R * (2 * d_in + 3 * d_out + ig * d_in)
+    extra = d_out * d_in * R + (tokens * d_in * d_out * (1 + ig) if dropout > 0 else 0)
+    return 1 + extra / lora
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
@@ -338,9 +351,12 @@ def main() -> None:
     print(f"Targets (at {TARGET_TOKENS} tokens, dropout 0): DoRA(this)/LoRA time <= {TARGET_TIME:.2f}, "
           f"DoRA(this)/LoRA memory <= {TARGET_MEM:.2f}, DoRA(upstream)/DoRA(this) time >= {TARGET_SPEEDUP:.1f}")
     print()
-    print("| shape (in->out) | tokens | this/LoRA time | this/LoRA mem | upstream/this time "
+    print("floor = exact DoRA's least DoRA/LoRA ratio of multiply-adds (the norm's W0 A^T, r/tokens of")
+    print("the base matmul, is paid every optimizer step); see macs_floor.")
+    print()
+    print("| shape (in->out) | tokens | this/LoRA time | floor | this/LoRA mem | upstream/this time "
           "| upstream/LoRA time | upstream/LoRA mem | this/LoRA cpu | upstream/this cpu |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for shape in shapes:
         for tokens in tokens_list:
             lo = results.get((shape, tokens, "lora"))
@@ -354,10 +370,11 @@ def main() -> None:
             m_upl = _ratio(get(up, "peak_mib"), get(lo, "peak_mib"))
             c_this = _ratio(get(th, "cpu_ms"), get(lo, "cpu_ms"))
             c_up = _ratio(get(up, "cpu_ms"), get(th, "cpu_ms"))
+            floor = macs_floor(*_parse_shape(shape), tokens, args.input_grad, args.dropout)
             checked = tokens == TARGET_TOKENS and args.dropout == 0.0
             c = (lambda v, ok: _check(v, ok)) if checked else (lambda v, ok: "")
             print(f"| {shape.replace('x', '->')} | {tokens} "
-                  f"| {_fmt(t_this)}{c(t_this, lambda v: v <= TARGET_TIME)} "
+                  f"| {_fmt(t_this)}{c(t_this, lambda v: v <= TARGET_TIME)} | {floor:.3f} "
                   f"| {_fmt(m_this)}{c(m_this, lambda v: v <= TARGET_MEM)} "
                   f"| {_fmt(t_up)}{c(t_up, lambda v: v >= TARGET_SPEEDUP)} "
                   f"| {_fmt(t_upl)} | {_fmt(m_upl)} "
