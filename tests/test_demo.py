@@ -58,3 +58,17 @@ def test_quick_demo_runs_every_stage_and_prints_the_table(tmp_path):
     rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "done already" in rerun.stderr and "[finetune DoRA] ..." not in rerun.stderr
+
+
+def test_another_seed_gets_its_own_folders_unless_they_are_given(tmp_path):
+    from llava.demo.run import DemoConfig, parse_args
+
+    cfg, _ = parse_args([])
+    assert (cfg.seed, cfg.data_dir, cfg.out_dir) == (0, DemoConfig.data_dir, DemoConfig.out_dir)
+    cfg, _ = parse_args(["--seed", "3"])
+    assert cfg.seed == 3
+    assert cfg.data_dir == DemoConfig.data_dir.parent / "demo-seed3"
+    assert cfg.out_dir == DemoConfig.out_dir.parent / "demo-seed3"
+    cfg, _ = parse_args(["--seed", "3", "--out-dir", str(tmp_path), "--quick"])
+    assert cfg.out_dir == tmp_path and cfg.data_dir == DemoConfig.data_dir.parent / "demo-seed3"
+    assert cfg.lm_steps < DemoConfig.lm_steps  # --quick shortens the run

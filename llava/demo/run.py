@@ -202,17 +202,27 @@ def run(cfg: DemoConfig, fresh: bool = False) -> str:
     return table(cfg)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fresh", action="store_true", help="delete the demo's data and checkpoints first")
-    parser.add_argument("--data-dir", type=Path, default=DemoConfig.data_dir)
-    parser.add_argument("--out-dir", type=Path, default=DemoConfig.out_dir)
+    parser.add_argument("--data-dir", type=Path, help=f"default: {DemoConfig.data_dir.relative_to(ROOT)}[-seedN]")
+    parser.add_argument("--out-dir", type=Path, help=f"default: {DemoConfig.out_dir.relative_to(ROOT)}[-seedN]")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data, the base and every run (default 0); another seed gets its own folders")
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (the test suite's run)")
     args = parser.parse_args(argv)
+    suffix = f"-seed{args.seed}" if args.seed else ""
+    cfg = DemoConfig(
+        data_dir=args.data_dir or DemoConfig.data_dir.with_name(DemoConfig.data_dir.name + suffix),
+        out_dir=args.out_dir or DemoConfig.out_dir.with_name(DemoConfig.out_dir.name + suffix),
+        seed=args.seed,
+    )
+    return (quick(cfg) if args.quick else cfg), args
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    cfg = DemoConfig(data_dir=args.data_dir, out_dir=args.out_dir)
-    if args.quick:
-        cfg = quick(cfg)
     start = time.monotonic()
     result = run(cfg, fresh=args.fresh)
     print("\n" + result)
