@@ -137,8 +137,9 @@ def _norm_and_inverse(module: DoraLinear, adapter: str) -> tuple[torch.Tensor, t
             sq = (sq_key, row_sq_norm(weight))
             module._dora_norm_cache["__w0_sq__"] = sq
         norm = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sq_norm=sq[1])
-    module._dora_norm_cache[adapter] = (key, norm, norm.reciprocal())
-    return module._dora_norm_cache[adapter][1:]
+    entry = (key, norm, norm.reciprocal())
+    module._dora_norm_cache[adapter] = entry
+    return entry[1:]
 
 
 class DoraVariant(LoraVariant):
@@ -203,19 +204,18 @@ class DoraVariant(LoraVariant):
             if base.bias is not None:
                 base_d = base_d - base.bias
         magnitude_only = getattr(module, "_dora_magnitude_only", {}).get(active_adapter, False)
+        holder = module.lora_magnitude_vector[active_adapter]
         h = lora_B = None
         if not magnitude_only:
             h = module.lora_A[active_adapter](x_d)
             lora_B = module.lora_B[active_adapter].weight
+            _gather_with(holder, lora_B)
         inv_norm = _norm_and_inverse(module, active_adapter)[1]
         bias = None
         if base.bias is not None:
             with _gathered(base.bias):
                 # A copy when partitioned: the function keeps the bias for backward.
                 bias = base.bias.detach().clone() if hasattr(base.bias, "ds_id") else base.bias.detach()
-        holder = module.lora_magnitude_vector[active_adapter]
-        if lora_B is not None:
-            _gather_with(holder, lora_B)
         return holder(result, h, lora_B, base_d, inv_norm, bias, module.scaling[active_adapter])
 
 
