@@ -136,6 +136,35 @@ def test_outputs_and_gradients_match_upstream_peft(dropout):
     assert n_checked == 6  # A, B and m of two layers
 
 
+def test_two_active_adapters_match_upstream_peft():
+    """Two DoRA adapters active at once, as upstream combines them (without dropout the second one
+    rescales the first one's output). The first may write over the base output; the second must not
+    write over the first one's output, which the first keeps for its backward."""
+    cfgs = [dict(r=4, lora_alpha=8, target_modules=["up", "down"]), dict(r=2, lora_alpha=2, target_modules=["up", "down"])]
+    torch.manual_seed(0)
+    base = TwoLayers()
+    ours = get_peft_model(copy.deepcopy(base), DoraConfig(**cfgs[0]))
+    ours.add_adapter("other", DoraConfig(**cfgs[1]))
+    upstream = get_peft_model(copy.deepcopy(base), LoraConfig(use_dora=True, **cfgs[0]))
+    upstream.add_adapter("other", LoraConfig(use_dora=True, **cfgs[1]))
+    for m in (ours, upstream):
+        m.base_model.set_adapter(["default", "other"])
+        m.train()
+    randomise(ours)
+    upstream.load_state_dict(ours.state_dict())
+    x, g = torch.randn(3, 5, 12), torch.randn(3, 5, 7)
+    y_ours, y_up = ours(x), upstream(x)
+    torch.testing.assert_close(y_ours, y_up, rtol=1e-5, atol=1e-5)
+    (y_ours * g).sum().backward()
+    (y_up * g).sum().backward()
+    grads_up = dict(upstream.named_parameters())
+    checked = [name for name, p in ours.named_parameters() if p.requires_grad]
+    assert len(checked) == 12  # A, B and m of two adapters in two layers
+    for name in checked:
+        got = dict(ours.named_parameters())[name].grad
+        torch.testing.assert_close(got, grads_up[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_gradients_equal_float64_reference_with_detached_norm():
     _, model = dora_model()
     randomise(model)
@@ -197,11 +226,21 @@ def test_magnitude_gradient_reduction_in_every_chunking_mode(monkeypatch, chunki
     assert ((got.double() - exact).abs().max() / exact.abs().max()) < tolerance
 
 
-def test_closed_form_norm_equals_direct_norm_float64():
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_closed_form_norm_equals_direct_norm_float64(monkeypatch, onednn, transposed):
+    """Through oneDNN's product (where the build has it) and through torch.mm, for W0 stored row-major
+    and as a transposed view (fan_in_fan_out layers)."""
+    from peft_dora import norm
+
+    if onednn and not norm._ONEDNN:
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setattr(norm, "_ONEDNN", onednn)
     torch.manual_seed(1)
     w0, a, b = torch.randn(50, 40, dtype=torch.float64), torch.randn(6, 40, dtype=torch.float64), torch.randn(50, 6, dtype=torch.float64)
     direct = torch.linalg.norm(w0 + 0.7 * b @ a, dim=1)
-    closed = dora_weight_norm(w0.float(), a.float(), b.float(), 0.7)
+    w0_32 = w0.float().t().contiguous().t() if transposed else w0.float()
+    closed = dora_weight_norm(w0_32, a.float(), b.float(), 0.7)
     assert closed.dtype == torch.float32
     torch.testing.assert_close(closed.double(), direct, rtol=2e-6, atol=0)
 

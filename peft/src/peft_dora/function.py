@@ -5,8 +5,9 @@ With n the (constant) row norm of W0 + sBA, scale = m / n and h = A x_d (x_d = d
     y = result + (scale - 1) * base_d + scale * s * h B^T
 
 where result = W0 x + b and base_d = W0 x_d. Without dropout x_d = x and this is
-y = scale * (W0 x + s h B^T) + b, built in a single batch x out buffer: the B product is added to a
-copy of ``result`` inside the matrix multiplication, and the output is scaled in place.
+y = scale * (W0 x + s h B^T) + b, built without any new batch x out buffer: when the caller says
+nobody else reads ``result`` (``in_place``; it is the base layer's fresh output), the B product is
+added to it inside the matrix multiplication and it is scaled in place; otherwise a copy is.
 
 Taking B in here is what keeps DoRA near LoRA's cost: the factors ``scale`` and ``s`` are folded
 into the small out x r operands of the backward products (B for the gradient of h, the out x r
@@ -62,17 +63,18 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 class DoraCombine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, result, h, lora_B, base_d, magnitude, inv_norm, bias, scaling):
+    def forward(ctx, result, h, lora_B, base_d, magnitude, inv_norm, bias, scaling, in_place):
         dtype = result.dtype
         scale32 = magnitude.float() * inv_norm
         scale = scale32.to(dtype)
         if h is not None:
             h_rows, b_t = _rows(h).to(dtype), lora_B.to(dtype).t()
+        # The base output is written over when the caller allows it (nothing else reads it).
+        in_place = in_place and result.is_contiguous()
+        y = result if in_place else result.clone(memory_format=torch.contiguous_format)
         if base_d is None:
-            if h is None:
-                y = result.clone()
-            else:
-                y = torch.addmm(_rows(result), h_rows, b_t, alpha=scaling).view(result.shape)
+            if h is not None:
+                _rows(y).addmm_(h_rows, b_t, alpha=scaling)
             # scale * (y - b) + b, as scale * y + (1 - scale) * b.
             y.mul_(scale)
             if bias is not None:
@@ -81,8 +83,10 @@ class DoraCombine(torch.autograd.Function):
         else:
             base_d = base_d.to(dtype)
             u = base_d if h is None else torch.addmm(_rows(base_d), h_rows, b_t, alpha=scaling).view(base_d.shape)
-            y = torch.addcmul(result - base_d, u, scale)
+            y.sub_(base_d).addcmul_(u, scale)
             saved = u
+        if in_place:
+            ctx.mark_dirty(result)
         ctx.save_for_backward(saved, h, lora_B, magnitude, inv_norm, bias)
         ctx.dropout = base_d is not None
         ctx.scaling = scaling
@@ -123,4 +127,4 @@ class DoraCombine(torch.autograd.Function):
                 grad_base_d = grad * (scale32 - 1).to(grad.dtype)
         elif ctx.needs_input_grad[0]:
             grad_result = grad * scale32.to(grad.dtype)
-        return grad_result, grad_h, grad_lora_B, grad_base_d, grad_m, None, None, None
+        return grad_result, grad_h, grad_lora_B, grad_base_d, grad_m, None, None, None, None

@@ -85,8 +85,8 @@ class DoraMagnitude(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(magnitude)
 
-    def forward(self, result, h, lora_B, base_d, inv_norm, bias, scaling):
-        return DoraCombine.apply(result, h, lora_B, base_d, self.weight, inv_norm, bias, scaling)
+    def forward(self, result, h, lora_B, base_d, inv_norm, bias, scaling, in_place=False):
+        return DoraCombine.apply(result, h, lora_B, base_d, self.weight, inv_norm, bias, scaling, in_place)
 
 
 def _gather_with(holder: nn.Module, param: torch.Tensor) -> None:
@@ -203,6 +203,9 @@ class DoraVariant(LoraVariant):
             base_d = base(x_d.to(result.dtype))
             if base.bias is not None:
                 base_d = base_d - base.bias
+        # The first adapter gets the base layer's fresh output, which nothing else reads, and may write
+        # over it; a later one gets the previous adapter's output, which that adapter keeps for backward.
+        first = next((a for a in module.active_adapters if a in module.lora_A), None) == active_adapter
         magnitude_only = getattr(module, "_dora_magnitude_only", {}).get(active_adapter, False)
         holder = module.lora_magnitude_vector[active_adapter]
         h = lora_B = None
@@ -216,7 +219,7 @@ class DoraVariant(LoraVariant):
             with _gathered(base.bias):
                 # A copy when partitioned: the function keeps the bias for backward.
                 bias = base.bias.detach().clone() if hasattr(base.bias, "ds_id") else base.bias.detach()
-        return holder(result, h, lora_B, base_d, inv_norm, bias, module.scaling[active_adapter])
+        return holder(result, h, lora_B, base_d, inv_norm, bias, module.scaling[active_adapter], first)
 
 
 class DoraLinear(LoraLinear):
