@@ -24,16 +24,18 @@ the peak memory is that configuration's alone: peak RSS (``resource.getrusage`` 
 the RSS just before the model and the inputs are built, i.e. W0, A, B, m, x, g, the activations
 and the temporaries of forward and backward. The absolute peak RSS is printed too.
 
+The methods of one (shape, tokens) are timed in turns: their processes live side by side, only one
+computes at a time, and the driver asks each for one step in a rotating order. A shared machine's
+slow spells (here they move a step's time by 10% and more for seconds at a time) then fall on all
+methods alike, so their ratios hold where separate, consecutive runs would not. ``--rounds K``
+repeats the whole set with fresh processes and pools the steps; ``--threads N`` sets torch's thread
+count (default: torch's default). The "cpu ms" column is the median process CPU time of a step
+(time.process_time).
+
 ``--dropout P`` (default 0.0) sets ``lora_dropout``. With dropout the paper's forward needs W0
 applied to the dropped-out input, W0 dropout(x), an extra out x in matmul (and its activation)
 that both DoRA implementations pay and LoRA does not, so the DoRA/LoRA targets are meant for
 ``--dropout 0``.
-
-On a shared machine timings are noisy (other processes on the same cores make OpenMP threads
-wait): ``--rounds K`` runs every configuration K times, interleaved, and keeps the round with the
-lowest median; ``--threads N`` sets torch's thread count (default: torch's default). The "cpu ms"
-column is the median process CPU time of a step (time.process_time), which contention disturbs
-less than wall time, most of all with ``--threads 1``.
 
 With glibc's default allocator the peak RSS also holds freed heap memory not yet given back, which
 depends on the order of allocations and moves the peak by tens of MiB either way; ``--exact-memory``
@@ -60,6 +62,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 METHODS = ("lora", "dora-upstream", "dora-this")
@@ -165,9 +168,12 @@ def worker(args: argparse.Namespace) -> None:
     after_build = _current_rss()
     peak_after_build = _peak_rss()
 
-    fwd, bwd, step, cpu = [], [], [], []
     norm_calls[0] = 0
-    for _ in range(WARMUP + args.repeats):
+    steps = 0
+    print("READY", flush=True)
+    for line in sys.stdin:  # the driver asks for one step at a time (see run_paired)
+        if line.strip() != "step":
+            break
         x = torch.randn(1, tokens, in_f, requires_grad=args.input_grad)  # fresh batch, outside the timing
         c0 = time.process_time()
         t0 = time.perf_counter()
@@ -180,29 +186,19 @@ def worker(args: argparse.Namespace) -> None:
         t3 = time.perf_counter()
         c3 = time.process_time()
         del x, y
-        fwd.append(t1 - t0)
-        bwd.append(t2 - t1)
-        step.append(t3 - t0)
-        cpu.append(c3 - c0)
+        steps += 1
+        print("STEP " + json.dumps({"fwd": t1 - t0, "bwd": t2 - t1, "step": t3 - t0, "cpu": c3 - c0}), flush=True)
 
     peak = _peak_rss()
     result = {
-        "method": method,
-        "shape": f"{in_f}x{out_f}",
-        "tokens": tokens,
         "threads": torch.get_num_threads(),
-        "time_ms": 1e3 * statistics.median(step[WARMUP:]),
-        "min_ms": 1e3 * min(step[WARMUP:]),
-        "cpu_ms": 1e3 * statistics.median(cpu[WARMUP:]),
-        "fwd_ms": 1e3 * statistics.median(fwd[WARMUP:]),
-        "bwd_ms": 1e3 * statistics.median(bwd[WARMUP:]),
         "peak_mib": (peak - baseline) / MIB,
         "build_mib": (after_build - baseline) / MIB,
         "build_peak_mib": (peak_after_build - baseline) / MIB,
         "abs_peak_mib": peak / MIB,
         "baseline_mib": baseline / MIB,
         "norm_calls": norm_calls[0] if method == "dora-this" else None,
-        "steps": WARMUP + args.repeats,
+        "steps": steps,
     }
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -212,7 +208,7 @@ def worker(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def run_one(method: str, shape: str, tokens: int, args: argparse.Namespace) -> dict | None:
+def _worker_command(method: str, shape: str, tokens: int, args: argparse.Namespace) -> list[str]:
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -220,13 +216,16 @@ def run_one(method: str, shape: str, tokens: int, args: argparse.Namespace) -> d
         "--method", method,
         "--shape", shape,
         "--tokens", str(tokens),
-        "--repeats", str(args.repeats),
         "--dropout", str(args.dropout),
     ]
     if args.input_grad:
         cmd.append("--input-grad")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    return cmd
+
+
+def _worker_env(args: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ)
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "peft", "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -234,12 +233,61 @@ def run_one(method: str, shape: str, tokens: int, args: argparse.Namespace) -> d
         # glibc: every allocation above 128 KiB is its own mapping, unmapped on free (this also turns
         # off the dynamic threshold), so the peak RSS follows the live tensors, not heap retention.
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    sys.stderr.write(f"[{method} {shape} {tokens}] failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}\n")
+    return env
+
+
+def _read_tagged(proc: subprocess.Popen, tag: str) -> str | None:
+    """The payload of the worker's next line starting with ``tag`` (None if the worker ended)."""
+    for line in proc.stdout:
+        if line.startswith(tag):
+            return line[len(tag):].strip()
     return None
+
+
+def run_paired(methods: list[str], shape: str, tokens: int, args: argparse.Namespace) -> dict[str, dict]:
+    """One process per method, all alive at once, stepping in turn.
+
+    Only one worker computes at any moment and the turn order rotates every step, so a slow spell of a
+    shared machine falls on every method alike: the methods' times are paired, step by step. Each
+    process still holds only its own configuration, so its peak RSS is that configuration's alone.
+    Returns per method the per-step timings and the worker's RESULT.
+    """
+    env = _worker_env(args)
+    procs: dict[str, subprocess.Popen] = {}
+    logs: dict[str, object] = {}
+    for method in methods:
+        logs[method] = tempfile.TemporaryFile(mode="w+")
+        procs[method] = subprocess.Popen(
+            _worker_command(method, shape, tokens, args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=logs[method], text=True, env=env,
+        )
+    alive = [m for m in methods if _read_tagged(procs[m], "READY") is not None]
+    timings: dict[str, list[dict]] = {m: [] for m in alive}
+    for i in range(WARMUP + args.repeats):
+        for method in alive[i % len(alive):] + alive[: i % len(alive)] if alive else []:
+            procs[method].stdin.write("step\n")
+            procs[method].stdin.flush()
+            reply = _read_tagged(procs[method], "STEP ")
+            if reply is None:
+                alive = [m for m in alive if m != method]
+                continue
+            if i >= WARMUP:
+                timings[method].append(json.loads(reply))
+    out: dict[str, dict] = {}
+    for method, proc in procs.items():
+        result = None
+        if method in alive:
+            proc.stdin.write("done\n")
+            proc.stdin.flush()
+            result = _read_tagged(proc, "RESULT ")
+        proc.stdin.close()
+        proc.wait()
+        if result is None:
+            logs[method].seek(0)
+            sys.stderr.write(f"[{method} {shape} {tokens}] failed (rc={proc.returncode}):\n{logs[method].read()[-4000:]}\n")
+            continue
+        out[method] = {"timings": timings[method], **json.loads(result)}
+    return out
 
 
 def macs_floor(d_in: int, d_out: int, tokens: int, input_grad: bool, dropout: float) -> float:
@@ -253,6 +301,20 @@ def macs_floor(d_in: int, d_out: int, tokens: int, input_grad: bool, dropout: fl
     lora = tokens * d_in * d_out * (1 + ig) + tokens * R * (2 * d_in + 3 * d_out + ig * d_in)
     extra = d_out * d_in * R + (tokens * d_in * d_out * (1 + ig) if dropout > 0 else 0)
     return 1 + extra / lora
+
+
+def _summary(runs: list[dict]) -> dict:
+    """Medians over the timed steps of all rounds (paired in time across methods), and the median
+    over rounds of each memory figure."""
+    steps = [t for r in runs for t in r["timings"]]
+    ms = lambda key: 1e3 * statistics.median(t[key] for t in steps)  # noqa: E731
+    memory = {k: statistics.median(r[k] for r in runs) for k in ("peak_mib", "build_mib", "abs_peak_mib")}
+    return {
+        "time_ms": ms("step"), "min_ms": 1e3 * min(t["step"] for t in steps), "cpu_ms": ms("cpu"),
+        "fwd_ms": ms("fwd"), "bwd_ms": ms("bwd"), **memory, "threads": runs[0]["threads"],
+        "norm_calls": None if runs[0]["norm_calls"] is None else sum(r["norm_calls"] for r in runs),
+        "steps": sum(r["steps"] for r in runs),
+    }
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -275,8 +337,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed steps after %d warm-up steps" % WARMUP)
     p.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (see the docstring)")
     p.add_argument("--rounds", type=int, default=1,
-                   help="run every configuration this many times, interleaved, and keep per configuration the "
-                   "round with the lowest median time (for a shared, noisy machine)")
+                   help="repeat every paired set of runs this many times with fresh processes, pooling the steps")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
     p.add_argument("--input-grad", action="store_true",
                    help="input requires grad (a layer inside a model): backward also computes dL/dx")
@@ -311,26 +372,23 @@ def main() -> None:
           f"python {platform.python_version()}")
     threads = args.threads or torch.get_num_threads()
     print(f"- r={R}, lora_alpha={ALPHA}, lora_dropout={args.dropout}, warm-up {WARMUP}, "
-          f"median of {args.repeats}, best of {args.rounds} round(s), {threads} threads, "
+          f"methods timed in turns, median of {args.repeats} steps x {args.rounds} round(s), {threads} threads, "
           f"input requires grad: {args.input_grad}, "
           f"allocator: {'MALLOC_MMAP_THRESHOLD_=131072' if args.exact_memory else 'default'}")
     print("- peak MiB = peak RSS - RSS just before building the model and inputs; after build MiB = RSS once "
           "W0, A, B, m and g exist; time = whole step (fwd + bwd + SGD update + zero_grad)")
     print()
 
-    results: dict[tuple[str, int, str], dict] = {}
+    rounds: dict[tuple[str, int, str], list[dict]] = {}
     for rnd in range(args.rounds):
         for shape in shapes:
             for tokens in tokens_list:
-                for method in methods:
-                    r = run_one(method, shape, tokens, args)
-                    if r is None:
-                        continue
-                    key = (shape, tokens, method)
+                for method, r in run_paired(methods, shape, tokens, args).items():
+                    rounds.setdefault((shape, tokens, method), []).append(r)
+                    step_ms = 1e3 * statistics.median(t["step"] for t in r["timings"])
                     sys.stderr.write(f"round {rnd + 1}/{args.rounds} {shape} {tokens} {method}: "
-                                     f"{r['time_ms']:.1f} ms, {r['peak_mib']:.1f} MiB\n")
-                    if key not in results or r["time_ms"] < results[key]["time_ms"]:
-                        results[key] = r
+                                     f"{step_ms:.1f} ms, {r['peak_mib']:.1f} MiB\n")
+    results = {key: _summary(runs) for key, runs in rounds.items()}
 
     print("| shape (in->out) | tokens | method | time ms | min ms | cpu ms | fwd ms | bwd ms | peak MiB "
           "| after build MiB | abs peak MiB | threads | norm computed |")
