@@ -28,14 +28,22 @@ def row_sq_norm(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.linalg.vector_norm(chunk, dim=1).square() for chunk in _row_chunks(weight)])
 
 
-def _onednn_available() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and callable(torch.ops.mkldnn._linear_pointwise)
-    except (AttributeError, RuntimeError):
-        return False
+# Whether oneDNN's linear runs here and agrees with torch.mm; probed on first use (None: not yet).
+_ONEDNN: bool | None = None
 
 
-_ONEDNN = _onednn_available()
+def onednn_works() -> bool:
+    """Probe once, on a tiny product, that oneDNN's float32 linear exists and is right on this build."""
+    global _ONEDNN
+    if _ONEDNN is None:
+        try:
+            w = torch.arange(128, dtype=torch.float32).reshape(8, 16).sin()  # no draw from the global RNG
+            a = torch.arange(48, dtype=torch.float32).reshape(3, 16).cos()
+            got = torch.ops.mkldnn._linear_pointwise(w, a.to_mkldnn(), None, "none", [], "")
+            _ONEDNN = bool(torch.backends.mkldnn.is_available() and torch.allclose(got, w @ a.t(), atol=1e-5))
+        except (AttributeError, RuntimeError):
+            _ONEDNN = False
+    return _ONEDNN
 
 
 def _times_transposed(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -44,9 +52,10 @@ def _times_transposed(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     On a CPU this goes through oneDNN: for this shape (r columns, thousands of rows) its float32
     kernel ran 1.2-1.7x faster than the BLAS behind ``torch.mm`` on the CPU measured (an AVX-512
     EPYC; benchmarks/dora_layer.py), with the same float32 arithmetic, and this is the one product
-    DoRA adds to LoRA's per-step cost. Elsewhere (GPU, a strided w, no oneDNN) it is a plain matmul.
+    DoRA adds to LoRA's per-step cost. Elsewhere (GPU, a strided w, no working oneDNN: see
+    ``onednn_works``) it is a plain matmul.
     """
-    if _ONEDNN and w.device.type == "cpu" and w.is_contiguous() and w.dtype == a.dtype == torch.float32:
+    if w.device.type == "cpu" and w.is_contiguous() and w.dtype == a.dtype == torch.float32 and onednn_works():
         return torch.ops.mkldnn._linear_pointwise(w, a.contiguous().to_mkldnn(), None, "none", [], "")
     return w @ a.t()
 
