@@ -30,6 +30,10 @@ def row_sq_norm(weight: torch.Tensor) -> torch.Tensor:
 
 # Whether oneDNN's linear runs here and agrees with torch.mm; probed on first use (None: not yet).
 _ONEDNN: bool | None = None
+# Below this many multiply-adds oneDNN's fixed cost per call (packing A, dispatch) outweighs its speed:
+# a 128 x 128 x 8 product took 32 us against torch.mm's 10, 512 x 512 x 16 was even, and from
+# 1024 x 1024 x 64 on oneDNN was faster (two threads).
+_ONEDNN_MIN_MACS = 1 << 25
 
 
 def onednn_works() -> bool:
@@ -52,10 +56,11 @@ def _times_transposed(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     On a CPU this goes through oneDNN: for this shape (r columns, thousands of rows) its float32
     kernel ran 1.2-1.7x faster than the BLAS behind ``torch.mm`` on the CPU measured (an AVX-512
     EPYC; benchmarks/dora_layer.py), with the same float32 arithmetic, and this is the one product
-    DoRA adds to LoRA's per-step cost. Elsewhere (GPU, a strided w, no working oneDNN: see
-    ``onednn_works``) it is a plain matmul.
+    DoRA adds to LoRA's per-step cost. Elsewhere (GPU, a strided w, a small product, no working
+    oneDNN: see ``onednn_works``) it is a plain matmul.
     """
-    if w.device.type == "cpu" and w.is_contiguous() and w.dtype == a.dtype == torch.float32 and onednn_works():
+    big = w.shape[0] * w.shape[1] * a.shape[0] >= _ONEDNN_MIN_MACS
+    if big and w.device.type == "cpu" and w.is_contiguous() and w.dtype == a.dtype == torch.float32 and onednn_works():
         return torch.ops.mkldnn._linear_pointwise(w, a.contiguous().to_mkldnn(), None, "none", [], "")
     return w @ a.t()
 
