@@ -282,11 +282,13 @@ def run_paired(methods: list[str], shape: str, tokens: int, args: argparse.Names
             result = _read_tagged(proc, "RESULT ")
         proc.stdin.close()
         proc.wait()
+        log = logs[method]
         if result is None:
-            logs[method].seek(0)
-            sys.stderr.write(f"[{method} {shape} {tokens}] failed (rc={proc.returncode}):\n{logs[method].read()[-4000:]}\n")
-            continue
-        out[method] = {"timings": timings[method], **json.loads(result)}
+            log.seek(0)
+            sys.stderr.write(f"[{method} {shape} {tokens}] failed (rc={proc.returncode}):\n{log.read()[-4000:]}\n")
+        else:
+            out[method] = {"timings": timings[method], **json.loads(result)}
+        log.close()
     return out
 
 

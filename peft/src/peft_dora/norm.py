@@ -40,36 +40,40 @@ def onednn_works() -> bool:
     """Probe once, on a tiny product, that oneDNN's float32 linear exists and is right on this build."""
     global _ONEDNN
     if _ONEDNN is None:
-        try:
-            w = torch.arange(128, dtype=torch.float32).reshape(8, 16).sin()  # no draw from the global RNG
-            a = torch.arange(48, dtype=torch.float32).reshape(3, 16).cos()
-            got = torch.ops.mkldnn._linear_pointwise(w, a.to_mkldnn(), None, "none", [], "")
-            _ONEDNN = bool(torch.backends.mkldnn.is_available() and torch.allclose(got, w @ a.t(), atol=1e-5))
-        except (AttributeError, RuntimeError):
-            _ONEDNN = False
+        _ONEDNN = False
+        if torch.backends.mkldnn.is_available():
+            try:
+                w = torch.arange(128, dtype=torch.float32).reshape(8, 16).sin()  # no draw from the global RNG
+                a = torch.arange(48, dtype=torch.float32).reshape(3, 16).cos()
+                got = torch.ops.mkldnn._linear_pointwise(w, a.to_mkldnn(), None, "none", [], "")
+                _ONEDNN = bool(torch.allclose(got, w @ a.t(), atol=1e-5))
+            except (AttributeError, RuntimeError):
+                pass
     return _ONEDNN
 
 
-def _times_transposed(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """w @ a^T for float32 w (rows x in) and a (r x in).
-
-    On a CPU this goes through oneDNN: for this shape (r columns, thousands of rows) its float32
-    kernel ran 1.2-1.7x faster than the BLAS behind ``torch.mm`` on the CPU measured (an AVX-512
-    EPYC; benchmarks/dora_layer.py), with the same float32 arithmetic, and this is the one product
-    DoRA adds to LoRA's per-step cost. Elsewhere (GPU, a strided w, a small product, no working
-    oneDNN: see ``onednn_works``) it is a plain matmul.
-    """
-    big = w.shape[0] * w.shape[1] * a.shape[0] >= _ONEDNN_MIN_MACS
-    if big and w.device.type == "cpu" and w.is_contiguous() and w.dtype == a.dtype == torch.float32 and onednn_works():
-        return torch.ops.mkldnn._linear_pointwise(w, a.contiguous().to_mkldnn(), None, "none", [], "")
-    return w @ a.t()
-
-
 def weight_times_at(weight: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """W0 @ A^T (out x r) in float32, given A (r x in) in float32."""
+    """W0 @ A^T (out x r) in float32, given A (r x in) in float32; W0 in row chunks unless float32.
+
+    On a CPU the product goes through oneDNN: for this shape (r columns, thousands of rows) its
+    float32 kernel ran 1.2-1.7x faster than the BLAS behind ``torch.mm`` on the CPU measured (an
+    AVX-512 EPYC; benchmarks/dora_layer.py), with the same float32 arithmetic, and this is the one
+    product DoRA adds to LoRA's per-step cost. Elsewhere (GPU, a strided W0, a small product, no
+    working oneDNN: see ``onednn_works``) it is a plain matmul. A is packed for oneDNN once.
+    """
+    rows, cols = weight.shape
+    packed = None
+    if weight.device.type == "cpu" and rows * cols * a.shape[0] >= _ONEDNN_MIN_MACS and onednn_works():
+        packed = a.contiguous().to_mkldnn()
+
+    def times(w: torch.Tensor) -> torch.Tensor:
+        if packed is not None and w.is_contiguous():
+            return torch.ops.mkldnn._linear_pointwise(w, packed, None, "none", [], "")
+        return w @ a.t()
+
     if weight.dtype == torch.float32:
-        return _times_transposed(weight, a)
-    return torch.cat([_times_transposed(chunk, a) for chunk in _row_chunks(weight)])
+        return times(weight)
+    return torch.cat([times(chunk) for chunk in _row_chunks(weight)])
 
 
 @torch.no_grad()
