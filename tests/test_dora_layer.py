@@ -9,7 +9,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import peft_dora
-from peft_dora import DoraConfig, dora_weight_norm
+from peft_dora import DoraConfig, dora_weight_norm, onednn
+from peft_dora.down import DownLinear
 from peft_dora.layer import DoraLinear
 
 
@@ -104,8 +105,15 @@ def test_init_equals_base_model():
     torch.testing.assert_close(model(x), base(x), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("small_products_on_onednn", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
-def test_outputs_and_gradients_match_upstream_peft(dropout):
+def test_outputs_and_gradients_match_upstream_peft(monkeypatch, dropout, small_products_on_onednn):
+    """Also with the CPU's oneDNN products forced on for these small shapes (where the build has them),
+    so the down projection's own backward (A's and the input's gradients) is checked too."""
+    if small_products_on_onednn:
+        if not onednn.works():
+            pytest.skip("this torch build has no working oneDNN linear")
+        monkeypatch.setattr(onednn, "_ONEDNN_MIN_MACS", 0)
     base, ours = dora_model(lora_dropout=dropout)
     upstream = get_peft_model(
         copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], use_dora=True, lora_dropout=dropout)
@@ -122,10 +130,12 @@ def test_outputs_and_gradients_match_upstream_peft(dropout):
     ours.train()
     upstream.train()
     g = torch.randn(3, 5, 7)
-    y_ours, y_up = ours(x), upstream(x)
+    x_ours, x_up = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_up = ours(x_ours), upstream(x_up)
     torch.testing.assert_close(y_ours, y_up, rtol=1e-5, atol=1e-5)
     (y_ours * g).sum().backward()
     (y_up * g).sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_up.grad, rtol=1e-4, atol=1e-5)
     grads_up = dict(upstream.named_parameters())
     n_checked = 0
     for name, p in ours.named_parameters():
@@ -225,17 +235,15 @@ def test_magnitude_gradient_reduction_in_every_chunking_mode(monkeypatch, chunki
     assert ((got.double() - exact).abs().max() / exact.abs().max()) < tolerance
 
 
-@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("use_onednn", [True, False])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_closed_form_norm_equals_direct_norm_float64(monkeypatch, onednn, transposed):
+def test_closed_form_norm_equals_direct_norm_float64(monkeypatch, use_onednn, transposed):
     """Through oneDNN's product (where the build has it) and through torch.mm, for W0 stored row-major
     and as a transposed view (fan_in_fan_out layers)."""
-    from peft_dora import norm
-
-    if onednn and not norm.onednn_works():
+    if use_onednn and not onednn.works():
         pytest.skip("this torch build has no working oneDNN linear")
-    monkeypatch.setattr(norm, "_ONEDNN", onednn)
-    monkeypatch.setattr(norm, "_ONEDNN_MIN_MACS", 0)  # the test's product is small
+    monkeypatch.setattr(onednn, "_ONEDNN", use_onednn)
+    monkeypatch.setattr(onednn, "_ONEDNN_MIN_MACS", 0)  # the test's product is small
     torch.manual_seed(1)
     w0, a, b = torch.randn(50, 40, dtype=torch.float64), torch.randn(6, 40, dtype=torch.float64), torch.randn(50, 6, dtype=torch.float64)
     direct = torch.linalg.norm(w0 + 0.7 * b @ a, dim=1)
@@ -247,12 +255,44 @@ def test_closed_form_norm_equals_direct_norm_float64(monkeypatch, onednn, transp
 
 def test_onednn_probe_leaves_the_random_stream_alone(monkeypatch):
     """The first norm probes oneDNN; seeded runs must draw the same numbers with or without it."""
-    from peft_dora import norm
-
-    monkeypatch.setattr(norm, "_ONEDNN", None)
+    monkeypatch.setattr(onednn, "_ONEDNN", None)
     state = torch.get_rng_state()
-    assert norm.onednn_works() in (True, False)
+    assert onednn.works() in (True, False)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_down_projection_equals_float64_linear_and_accumulates(monkeypatch):
+    """lora_A of this project's layers: oneDNN's forward and A's reordered gradient give nn.Linear's
+    values (float64 reference), also when a second backward adds to the stored gradients; under
+    autocast and for a strided input it is nn.Linear itself."""
+    if not onednn.works():
+        pytest.skip("this torch build has no working oneDNN linear")
+    _, model = dora_model()
+    randomise(model)
+    down = model.base_model.model.up.lora_A["default"]
+    assert type(down) is DownLinear
+    monkeypatch.setattr(onednn, "_ONEDNN_MIN_MACS", 0)
+    calls = []
+    packed_product = onednn.times_packed
+    monkeypatch.setattr(onednn, "times_packed", lambda *args: calls.append(1) or packed_product(*args))
+    a64 = down.weight.detach().double().requires_grad_()
+    for _ in range(2):
+        x = torch.randn(3, 5, 12, requires_grad=True)
+        g = torch.randn(3, 5, 4)
+        x64 = x.detach().double().requires_grad_()
+        h, ref = down(x), x64 @ a64.T
+        torch.testing.assert_close(h.double(), ref, rtol=1e-6, atol=1e-6)
+        (h * g).sum().backward()
+        (ref * g.double()).sum().backward()
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(down.weight.grad.double(), a64.grad, rtol=1e-6, atol=1e-6)
+    assert len(calls) == 2
+    assert down.weight.grad.is_contiguous()
+    x = torch.randn(12, 5).t()
+    torch.testing.assert_close(down(x).double(), x.double() @ a64.detach().T, rtol=1e-6, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert down(torch.randn(5, 12)).dtype == torch.bfloat16
+    assert len(calls) == 2
 
 
 def test_closed_form_norm_is_accurate_for_bf16_weights():

@@ -1,7 +1,8 @@
 """This project's DoRA layer, plugged into PEFT's LoRA ``Linear`` as a LoRA variant.
 
 PEFT keeps target matching, wrapping, saving and merging; this module supplies the DoRA maths:
-the closed-form norm (``norm.py``), the fused output (``function.py``), the norm cache and merging.
+the closed-form norm (``norm.py``), the fused output (``function.py``), the norm cache and merging,
+and gives ``lora_A`` the CPU's faster products (``down.py``).
 The magnitude lives where upstream PEFT keeps it (``lora_magnitude_vector[adapter].weight``), so
 checkpoints are interchangeable with upstream.
 """
@@ -19,6 +20,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
+from .down import DownLinear
 from .function import DoraCombine
 from .norm import dora_weight_norm, row_sq_norm
 
@@ -244,6 +246,9 @@ class DoraLinear(LoraLinear):
             r = 1
             config.rank_pattern[re.escape(target_name)] = 1
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        if type(self.lora_A[adapter_name]) is nn.Linear:
+            # Same module, parameters and hooks; only its forward's kernels change (see down.py).
+            self.lora_A[adapter_name].__class__ = DownLinear
         if self._dora_magnitude_only.get(adapter_name):
             for holder in (self.lora_A[adapter_name], self.lora_B[adapter_name]):
                 weight = holder.weight

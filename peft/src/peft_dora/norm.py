@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from . import onednn
+
 # Rows of a low-precision W0 converted to float32 at a time: bounds the temporary to ~16 MiB.
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -28,30 +30,6 @@ def row_sq_norm(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.linalg.vector_norm(chunk, dim=1).square() for chunk in _row_chunks(weight)])
 
 
-# Whether oneDNN's linear runs here and agrees with torch.mm; probed on first use (None: not yet).
-_ONEDNN: bool | None = None
-# Below this many multiply-adds oneDNN's fixed cost per call (packing A, dispatch) outweighs its speed:
-# a 128 x 128 x 8 product took 32 us against torch.mm's 10, 512 x 512 x 16 was even, and from
-# 1024 x 1024 x 64 on oneDNN was faster (two threads).
-_ONEDNN_MIN_MACS = 1 << 25
-
-
-def onednn_works() -> bool:
-    """Probe once, on a tiny product, that oneDNN's float32 linear exists and is right on this build."""
-    global _ONEDNN
-    if _ONEDNN is None:
-        _ONEDNN = False
-        if torch.backends.mkldnn.is_available():
-            try:
-                w = torch.arange(128, dtype=torch.float32).reshape(8, 16).sin()  # no draw from the global RNG
-                a = torch.arange(48, dtype=torch.float32).reshape(3, 16).cos()
-                got = torch.ops.mkldnn._linear_pointwise(w, a.to_mkldnn(), None, "none", [], "")
-                _ONEDNN = bool(torch.allclose(got, w @ a.t(), atol=1e-5))
-            except (AttributeError, RuntimeError):
-                pass
-    return _ONEDNN
-
-
 def weight_times_at(weight: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """W0 @ A^T (out x r) in float32, given A (r x in) in float32; W0 in row chunks unless float32.
 
@@ -59,16 +37,14 @@ def weight_times_at(weight: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     float32 kernel ran 1.2-1.7x faster than the BLAS behind ``torch.mm`` on the CPU measured (an
     AVX-512 EPYC; benchmarks/dora_layer.py), with the same float32 arithmetic, and this is the one
     product DoRA adds to LoRA's per-step cost. Elsewhere (GPU, a strided W0, a small product, no
-    working oneDNN: see ``onednn_works``) it is a plain matmul. A is packed for oneDNN once.
+    working oneDNN: see ``onednn.works``) it is a plain matmul. A is packed for oneDNN once.
     """
     rows, cols = weight.shape
-    packed = None
-    if weight.device.type == "cpu" and rows * cols * a.shape[0] >= _ONEDNN_MIN_MACS and onednn_works():
-        packed = a.contiguous().to_mkldnn()
+    packed = onednn.pack(a) if onednn.worthwhile(a, rows * cols * a.shape[0]) else None
 
     def times(w: torch.Tensor) -> torch.Tensor:
         if packed is not None and w.is_contiguous():
-            return torch.ops.mkldnn._linear_pointwise(w, packed, None, "none", [], "")
+            return onednn.times_packed(w, packed)
         return w @ a.t()
 
     if weight.dtype == torch.float32:
