@@ -264,7 +264,8 @@ def run_paired(methods: list[str], shape: str, tokens: int, args: argparse.Names
     alive = [m for m in methods if _read_tagged(procs[m], "READY") is not None]
     timings: dict[str, list[dict]] = {m: [] for m in alive}
     for i in range(WARMUP + args.repeats):
-        for method in alive[i % len(alive):] + alive[: i % len(alive)] if alive else []:
+        first = i % len(alive) if alive else 0  # the turn order rotates every step
+        for method in alive[first:] + alive[:first]:
             procs[method].stdin.write("step\n")
             procs[method].stdin.flush()
             reply = _read_tagged(procs[method], "STEP ")
