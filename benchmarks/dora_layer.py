@@ -27,7 +27,9 @@ and the temporaries of forward and backward. The absolute peak RSS is printed to
 The methods of one (shape, tokens) are timed in turns: their processes live side by side, only one
 computes at a time, and the driver asks each for one step in a rotating order. A shared machine's
 slow spells (here they move a step's time by 10% and more for seconds at a time) then fall on all
-methods alike, so their ratios hold where separate, consecutive runs would not. ``--rounds K``
+methods alike, so their ratios hold where separate, consecutive runs would not: the time ratios
+are medians of per-step ratios, step i of one method against step i of the other (the ratio of
+the two median times is printed too). ``--rounds K``
 repeats the whole set with fresh processes and pools the steps; ``--threads N`` sets torch's thread
 count (default: torch's default). The "cpu ms" column is the median process CPU time of a step
 (time.process_time).
@@ -324,6 +326,20 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
+def _paired_ratio(num: list[dict] | None, den: list[dict] | None, key: str = "step") -> float | None:
+    """Median over paired steps of num's time / den's time.
+
+    Step i of two methods ran in the same turn of the same round (seconds apart), so each ratio sees
+    one state of the machine; their median is what the paired design is for. The ratio of the two
+    medians is printed next to it: it also carries the drift between turns and between rounds.
+    """
+    if not num or not den:
+        return None
+    by_round = {r["round"]: r["timings"] for r in den}
+    ratios = [a[key] / b[key] for r in num for a, b in zip(r["timings"], by_round.get(r["round"], ())) if b[key] > 0]
+    return statistics.median(ratios) if ratios else None
+
+
 def _fmt(v: float | None, spec: str = ".2f") -> str:
     return "n/a" if v is None else format(v, spec)
 
@@ -387,6 +403,7 @@ def main() -> None:
         for shape in shapes:
             for tokens in tokens_list:
                 for method, r in run_paired(methods, shape, tokens, args).items():
+                    r["round"] = rnd
                     rounds.setdefault((shape, tokens, method), []).append(r)
                     step_ms = 1e3 * statistics.median(t["step"] for t in r["timings"])
                     sys.stderr.write(f"round {rnd + 1}/{args.rounds} {shape} {tokens} {method}: "
@@ -408,34 +425,37 @@ def main() -> None:
                       f"| {r['fwd_ms']:.1f} | {r['bwd_ms']:.1f} | {r['peak_mib']:.1f} | {r['build_mib']:.1f} "
                       f"| {r['abs_peak_mib']:.1f} | {r['threads']} | {norm} |")
     print()
-    print("Ratios of medians (time = wall clock, cpu = process CPU time, mem = peak MiB above baseline).")
+    print("time and cpu ratios: medians of the paired per-step ratios (wall clock and process CPU time;")
+    print("\"of medians\" = the ratio of the two methods' median times); mem = ratio of peak MiB above baseline.")
     print(f"Targets (at {TARGET_TOKENS} tokens, dropout 0): DoRA(this)/LoRA time <= {TARGET_TIME:.2f}, "
           f"DoRA(this)/LoRA memory <= {TARGET_MEM:.2f}, DoRA(upstream)/DoRA(this) time >= {TARGET_SPEEDUP:.1f}")
     print()
     print("floor = exact DoRA's least DoRA/LoRA ratio of multiply-adds (the norm's W0 A^T, r/tokens of")
     print("the base matmul, is paid every optimizer step); see macs_floor.")
     print()
-    print("| shape (in->out) | tokens | this/LoRA time | floor | this/LoRA mem | upstream/this time "
+    print("| shape (in->out) | tokens | this/LoRA time | of medians | floor | this/LoRA mem | upstream/this time "
           "| upstream/LoRA time | upstream/LoRA mem | this/LoRA cpu | upstream/this cpu |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for shape in shapes:
         for tokens in tokens_list:
             lo = results.get((shape, tokens, "lora"))
-            up = results.get((shape, tokens, "dora-upstream"))
             th = results.get((shape, tokens, "dora-this"))
+            runs_lo, runs_up, runs_th = (rounds.get((shape, tokens, m)) for m in METHODS)
             get = lambda r, k: None if r is None else r[k]  # noqa: E731
-            t_this = _ratio(get(th, "time_ms"), get(lo, "time_ms"))
+            t_this = _paired_ratio(runs_th, runs_lo)
+            t_this_medians = _ratio(get(th, "time_ms"), get(lo, "time_ms"))
             m_this = _ratio(get(th, "peak_mib"), get(lo, "peak_mib"))
-            t_up = _ratio(get(up, "time_ms"), get(th, "time_ms"))
-            t_upl = _ratio(get(up, "time_ms"), get(lo, "time_ms"))
-            m_upl = _ratio(get(up, "peak_mib"), get(lo, "peak_mib"))
-            c_this = _ratio(get(th, "cpu_ms"), get(lo, "cpu_ms"))
-            c_up = _ratio(get(up, "cpu_ms"), get(th, "cpu_ms"))
+            t_up = _paired_ratio(runs_up, runs_th)
+            t_upl = _paired_ratio(runs_up, runs_lo)
+            m_upl = _ratio(get(results.get((shape, tokens, "dora-upstream")), "peak_mib"), get(lo, "peak_mib"))
+            c_this = _paired_ratio(runs_th, runs_lo, "cpu")
+            c_up = _paired_ratio(runs_up, runs_th, "cpu")
             floor = macs_floor(*_parse_shape(shape), tokens, args.input_grad, args.dropout)
             checked = tokens == TARGET_TOKENS and args.dropout == 0.0
             c = (lambda v, ok: _check(v, ok)) if checked else (lambda v, ok: "")
             print(f"| {shape.replace('x', '->')} | {tokens} "
-                  f"| {_fmt(t_this)}{c(t_this, lambda v: v <= TARGET_TIME)} | {floor:.3f} "
+                  f"| {_fmt(t_this)}{c(t_this, lambda v: v <= TARGET_TIME)} | {_fmt(t_this_medians, '.3f')} "
+                  f"| {floor:.3f} "
                   f"| {_fmt(m_this)}{c(m_this, lambda v: v <= TARGET_MEM)} "
                   f"| {_fmt(t_up)}{c(t_up, lambda v: v >= TARGET_SPEEDUP)} "
                   f"| {_fmt(t_upl)} | {_fmt(m_upl)} "
