@@ -438,16 +438,15 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for shape in shapes:
         for tokens in tokens_list:
-            lo = results.get((shape, tokens, "lora"))
-            th = results.get((shape, tokens, "dora-this"))
-            runs_lo, runs_up, runs_th = (rounds.get((shape, tokens, m)) for m in METHODS)
+            lo, up, th = (results.get((shape, tokens, m)) for m in ("lora", "dora-upstream", "dora-this"))
+            runs_lo, runs_up, runs_th = (rounds.get((shape, tokens, m)) for m in ("lora", "dora-upstream", "dora-this"))
             get = lambda r, k: None if r is None else r[k]  # noqa: E731
             t_this = _paired_ratio(runs_th, runs_lo)
             t_this_medians = _ratio(get(th, "time_ms"), get(lo, "time_ms"))
             m_this = _ratio(get(th, "peak_mib"), get(lo, "peak_mib"))
             t_up = _paired_ratio(runs_up, runs_th)
             t_upl = _paired_ratio(runs_up, runs_lo)
-            m_upl = _ratio(get(results.get((shape, tokens, "dora-upstream")), "peak_mib"), get(lo, "peak_mib"))
+            m_upl = _ratio(get(up, "peak_mib"), get(lo, "peak_mib"))
             c_this = _paired_ratio(runs_th, runs_lo, "cpu")
             c_up = _paired_ratio(runs_up, runs_th, "cpu")
             floor = macs_floor(*_parse_shape(shape), tokens, args.input_grad, args.dropout)
