@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from llava.conversation import conv_templates
+from llava.eval import answers_file, cli
 from llava.eval import generation as gen
 from llava.eval import model_vqa_loader, model_vqa_mmbench, model_vqa_science, run_llava
 from llava.model.builder import load_pretrained_model
@@ -166,9 +167,9 @@ def test_request_image_count_must_match_the_tags():
 
 def test_get_chunk_splits_like_the_seed():
     items = list(range(10))
-    assert [list(gen.get_chunk(items, 3, k)) for k in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert list(gen.get_chunk(items, 1, 0)) == items
-    assert list(gen.get_chunk([0, 1], 3, 2)) == []
+    assert [list(cli.get_chunk(items, 3, k)) for k in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert list(cli.get_chunk(items, 1, 0)) == items
+    assert list(cli.get_chunk([0, 1], 3, 2)) == []
 
 
 def test_three_chunks_concatenate_to_the_unchunked_answers(model_dir, vqa, clean_run, tmp_path):
@@ -215,7 +216,7 @@ def test_resume_counts_questions_that_share_an_id(tmp_path):
     requests = [gen.Request("img1", "p", "q1"), gen.Request("img1", "p", "q2"), gen.Request("img2", "p", "q3")]
     answers = tmp_path / "a.jsonl"
     answers.write_text(json.dumps({"question_id": "img1", "prompt": "q1", "text": "x"}) + "\n" + '{"question_id": "im')
-    todo = gen.pending_requests(requests, gen.read_answered(answers), answers)
+    todo = answers_file.pending_requests(requests, answers_file.read_answered(answers), answers)
     assert [r.recorded_prompt for r in todo] == ["q2", "q3"]
     assert answers.read_text().count("\n") == 1 and answers.read_text().endswith("\n")
 
@@ -224,7 +225,7 @@ def test_resume_refuses_an_answers_file_for_other_prompts(tmp_path):
     answers = tmp_path / "a.jsonl"
     answers.write_text(json.dumps({"question_id": 1, "prompt": "old prompt", "text": "x"}) + "\n")
     with pytest.raises(ValueError, match="answers question 1 for another prompt"):
-        gen.pending_requests([gen.Request(1, "p", "new prompt")], gen.read_answered(answers), answers)
+        answers_file.pending_requests([gen.Request(1, "p", "new prompt")], answers_file.read_answered(answers), answers)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -237,7 +238,7 @@ def test_bad_jsonl_line_names_the_file_and_line(model_dir, vqa, tmp_path):
     qfile.write_text("\n".join(lines) + "\n")
     argv = loader_argv(model_dir, vqa, tmp_path / "a.jsonl")
     argv[argv.index("--question-file") + 1] = str(qfile)
-    with pytest.raises(ValueError, match=rf"{qfile}, line 3: not valid JSON"):
+    with pytest.raises(ValueError, match=rf"{qfile}:3: not valid JSON"):
         model_vqa_loader.main(argv)
 
 

@@ -1,8 +1,9 @@
 """The one generation loop behind every benchmark: batched, left-padded, resumable.
 
 Each benchmark script only turns its question file into ``Request``s (a prompt already formatted
-with the conversation template, its images, the fields its answers file records) and calls
-``run_generation``, which appends one JSON line per question to the answers file and flushes it.
+with the conversation template, its images, the fields its answers file records); ``llava.eval.cli``
+loads the model and calls ``run_generation``, which appends one JSON line per question to the
+answers file (``llava.eval.answers_file``) and flushes it.
 
 Batching must not change answers: greedy decoding (temperature 0) gives the same answers as batch
 size 1. Left padding with an attention mask (positions follow the mask) makes every row compute
@@ -16,19 +17,14 @@ for the model's dtype (``DEFAULT_TIE_MARGINS``); ``--tie-margin 0`` turns the ch
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import math
 import os
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import shortuuid
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -36,13 +32,14 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteriaL
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
 from llava.conversation import Conversation, SeparatorStyle, conv_templates
-from llava.mm_utils import KeywordsStoppingCriteria, get_model_name_from_path, process_images, tokenizer_image_token
+from llava.eval import answers_file as answers_file_io
+from llava.mm_utils import KeywordsStoppingCriteria, process_images, tokenizer_image_token
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ImageSource = Image.Image | Callable[[], Image.Image]
-AnswerKey = tuple[Any, Any]
+AnswerKey = answers_file_io.AnswerKey
 Preprocessing = Literal["model", "plain"]
 
 # Smallest top-1/top-2 logit gap trusted not to flip under batching, per compute dtype. Batched and
@@ -97,56 +94,7 @@ class RunSummary:
     rerun_at_batch_one: int
 
 
-# ----------------------------------------------------------------------------- chunks
-
-
-def split_list(items: Sequence[T], n: int) -> list[Sequence[T]]:
-    """Split into contiguous chunks of ceil(len / n) items, as the seed did (the last may be short)."""
-    chunk_size = math.ceil(len(items) / n)
-    if chunk_size == 0:
-        return [items[0:0]]
-    return [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
-
-
-def get_chunk(items: Sequence[T], n: int, k: int) -> Sequence[T]:
-    """Chunk ``k`` of ``n`` (the seed's get_chunk); a chunk index past the last chunk gets nothing."""
-    if n < 1 or not 0 <= k < n:
-        raise ValueError(f"--chunk-idx {k} is not in [0, --num-chunks {n}).")
-    chunks = split_list(items, n)
-    return chunks[k] if k < len(chunks) else items[0:0]
-
-
-# ----------------------------------------------------------------------------- input files
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The JSON objects of a JSONL question file; a bad line is reported with its file and number."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"Question file not found: {path}")
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno}).") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}.")
-            records.append(record)
-    return records
-
-
-def check_images_exist(images: Iterable[tuple[Any, str]]) -> None:
-    """Fail before generation if any (question_id, image path) is missing, naming them and the count."""
-    missing = [(qid, path) for qid, path in images if not os.path.isfile(path)]
-    if not missing:
-        return
-    shown = "\n".join(f"  question {qid!r}: {path}" for qid, path in missing[:10])
-    more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
-    raise FileNotFoundError(f"{len(missing)} image(s) not found (check --image-folder):\n{shown}{more}")
+# ----------------------------------------------------------------------------- prompts and images
 
 
 def open_rgb(path: str) -> Image.Image:
@@ -181,76 +129,6 @@ def stop_str_for(conv_mode: str) -> str:
     """The string that ends an answer: the template's closing separator (as the seed chose it)."""
     conv: Conversation = conv_templates[conv_mode]
     return conv.sep2 if conv.sep_style == SeparatorStyle.TWO else conv.sep
-
-
-# ----------------------------------------------------------------------------- answers file
-
-
-def read_answered(path: Path) -> dict[AnswerKey, list[Any]]:
-    """Prompts already answered in ``path``, per (question_id, round_id), in file order.
-
-    A last line without its newline was cut by a killed run: it is removed from the file, so the
-    question is answered again and appears once.
-    """
-    if not path.exists():
-        return {}
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        logger.warning(
-            "%s: dropping a partly written last line (%d bytes) left by an interrupted run", path, len(data) - keep
-        )
-        with path.open("r+b") as f:
-            f.truncate(keep)
-        data = data[:keep]
-    answered: dict[AnswerKey, list[Any]] = defaultdict(list)
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"Answers file {path}, line {number}: not valid JSON ({err.msg}); fix or remove the file."
-            ) from None
-        if not isinstance(record, dict) or "question_id" not in record:
-            raise ValueError(f"Answers file {path}, line {number}: not an answer line (no question_id).")
-        answered[(record["question_id"], record.get("round_id"))].append(record.get("prompt"))
-    return answered
-
-
-def pending_requests(requests: Sequence[Request], answered: dict[AnswerKey, list[Any]], path: Path) -> list[Request]:
-    """The requests still to answer; the n-th request of a key is done if the file has n answers for it.
-
-    Counting (not a set) keeps questions that share an id apart (TextVQA's ids are image ids).
-    """
-    seen: Counter[AnswerKey] = Counter()
-    todo = []
-    for request in requests:
-        done = answered.get(request.key, [])
-        index = seen[request.key]
-        seen[request.key] += 1
-        if index >= len(done):
-            todo.append(request)
-        elif done[index] is not None and done[index] != request.recorded_prompt:
-            raise ValueError(
-                f"Answers file {path} answers question {request.question_id!r} for another prompt "
-                f"({done[index]!r} instead of {request.recorded_prompt!r}): it was written for other questions "
-                "or flags; remove it or choose another --answers-file."
-            )
-    return todo
-
-
-def answer_line(request: Request, text: str, model_id: str) -> dict[str, Any]:
-    """One answers-file record, keys in the seed's order."""
-    line: dict[str, Any] = {"question_id": request.question_id}
-    if request.round_id is not None:
-        line["round_id"] = request.round_id
-    line["prompt"] = request.recorded_prompt
-    line["text"] = text
-    line.update(request.extra)
-    line.update({"answer_id": shortuuid.uuid(), "model_id": model_id, "metadata": {}})
-    return line
 
 
 # ----------------------------------------------------------------------------- batches
@@ -488,117 +366,29 @@ def run_generation(
     model_id: str,
     batch_size: int = 8,
     preprocessing: Preprocessing = "model",
+    run_info: dict[str, Any] | None = None,
 ) -> RunSummary:
-    """Answer every request not yet in ``answers_file``, appending and flushing one line per answer."""
+    """Answer every request not yet in ``answers_file``, appending and flushing one line per answer.
+
+    ``run_info`` (e.g. ``{"dora_magnitudes": "weight_norm"}``) goes into each line's "metadata"; answers
+    already in the file that were made under other settings stop the run (``answers_file``).
+    """
     validate_requests(requests)
+    run_info = dict(run_info or {})
     path = Path(answers_file).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    todo = pending_requests(requests, read_answered(path), path)
+    answered = answers_file_io.read_answered(path)
+    answers_file_io.check_run_settings(answered, run_info, path)
+    todo = answers_file_io.pending_requests(requests, answered, path)
     done = len(requests) - len(todo)
     logger.info(
         "%d question(s), %d already answered in %s, %d to generate at batch size %d on %s (%s)",
         len(requests), done, path, len(todo), batch_size, model.device, str(model.dtype).removeprefix("torch."),
     )
     generator = Generator(model, tokenizer, image_processor, settings, batch_size, preprocessing)
-    with path.open("a", encoding="utf-8") as out, tqdm(total=len(todo), desc=path.name, unit="q") as bar:
+    with answers_file_io.appending(path) as out, tqdm(total=len(todo), desc=path.name, unit="q") as bar:
         for request, text in generator.answer(todo):
-            out.write(json.dumps(answer_line(request, text, model_id)) + "\n")
-            out.flush()
+            answers_file_io.write_answer(out, answers_file_io.answer_line(request, text, model_id, run_info))
             bar.update(1)
     if generator.reruns:
         logger.info("%d near-tie answer(s) were generated again at batch size 1", generator.reruns)
     return RunSummary(len(requests), done, len(todo), generator.reruns)
-
-
-# ----------------------------------------------------------------------------- command lines
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, conv_mode: str | None) -> None:
-    parser.add_argument("--model-path", type=str, default="facebook/opt-350m")
-    parser.add_argument("--model-base", type=str, default=None)
-    parser.add_argument("--conv-mode", type=str, default=conv_mode, choices=sorted(conv_templates))
-    parser.add_argument("--device", type=str, default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument(
-        "--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
-        help="auto: float16 on GPU, float32 on CPU",
-    )
-
-
-def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, batch_size: int | None = 8) -> None:
-    parser.add_argument("--temperature", type=float, default=0.2)
-    parser.add_argument("--top_p", type=float, default=None)
-    parser.add_argument("--num_beams", type=int, default=1)
-    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
-    defaults = ", ".join(f"{str(t).removeprefix('torch.')} {margin:g}" for t, margin in DEFAULT_TIE_MARGINS.items())
-    parser.add_argument(
-        "--tie-margin", type=float, default=None,
-        help=f"greedy rows whose top-2 logits come closer than this are answered again alone "
-        f"(default by dtype: {defaults}; 0 turns the check off)",
-    )
-    if batch_size is not None:
-        parser.add_argument("--batch-size", type=int, default=batch_size)
-
-
-def add_chunk_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-chunks", type=int, default=1)
-    parser.add_argument("--chunk-idx", type=int, default=0)
-
-
-def settings_from_args(args: argparse.Namespace, stop_str: str | None) -> GenerationSettings:
-    return GenerationSettings(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens,
-        stop_str=stop_str,
-        tie_margin=args.tie_margin,
-    )
-
-
-def resolve_device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, name)
-
-
-@dataclass
-class LoadedModel:
-    tokenizer: Any
-    model: Any
-    image_processor: Any
-    name: str
-
-
-def load_model(args: argparse.Namespace) -> LoadedModel:
-    """Load ``--model-path`` (and ``--model-base``) on ``--device`` in ``--dtype``."""
-    from llava.model.builder import load_pretrained_model
-
-    model_path = os.path.expanduser(args.model_path)
-    name = get_model_name_from_path(model_path)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    logger.info("Loading %s on %s (%s)", model_path, device, str(dtype).removeprefix("torch."))
-    tokenizer, model, image_processor, _ = load_pretrained_model(
-        model_path, args.model_base, name, device=device, torch_dtype=dtype
-    )
-    return LoadedModel(tokenizer, model, image_processor, name)
-
-
-def mmtag_conv_mode(conv_mode: str, model_name: str) -> str:
-    """The seed switched stage-1 ("plain") models to the mmtag template unless they were fine-tuned."""
-    if "plain" not in model_name or "finetune" in model_name.lower() or "mmtag" in conv_mode:
-        return conv_mode
-    switched = conv_mode + "_mmtag"
-    if switched not in conv_templates:
-        logger.warning("%s looks like a plain (stage-1) model, but there is no %s template", model_name, switched)
-        return conv_mode
-    logger.warning("%s looks like a plain (stage-1) model: switching to the %s template", model_name, switched)
-    return switched
-
-
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -15,7 +15,9 @@ import functools
 import os
 from typing import Any, Sequence
 
+from llava.eval import cli
 from llava.eval import generation as gen
+from llava.eval.jsonl import read_jsonl
 
 
 def _question_field(question: dict[str, Any], key: str, number: int, path: str) -> Any:
@@ -26,7 +28,7 @@ def _question_field(question: dict[str, Any], key: str, number: int, path: str) 
 
 def read_questions(path: str) -> list[dict[str, Any]]:
     """Question lines, each checked for the fields this script reads."""
-    questions = gen.read_jsonl(path)
+    questions = read_jsonl(path)
     for number, question in enumerate(questions, start=1):
         for key in ("question_id", "image", "text"):
             _question_field(question, key, number, path)
@@ -53,32 +55,22 @@ def build_requests(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    gen.add_model_arguments(parser, conv_mode="llava_v1")
+    cli.add_model_arguments(parser, conv_mode="llava_v1")
     parser.add_argument("--image-folder", type=str, default="")
     parser.add_argument("--question-file", type=str, default="tables/question.jsonl")
     parser.add_argument("--answers-file", type=str, default="answer.jsonl")
-    gen.add_chunk_arguments(parser)
-    gen.add_generation_arguments(parser, max_new_tokens=128)
+    cli.add_chunk_arguments(parser)
+    cli.add_generation_arguments(parser, max_new_tokens=128)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> gen.RunSummary:
-    gen.configure_logging()
+    cli.configure_logging()
     args = parse_args(argv)
-    questions = gen.get_chunk(read_questions(args.question_file), args.num_chunks, args.chunk_idx)
-    gen.check_images_exist((q["question_id"], image_path(args.image_folder, q)) for q in questions)
-    loaded = gen.load_model(args)
-    conv_mode = gen.mmtag_conv_mode(args.conv_mode, loaded.name)
-    requests = build_requests(questions, args.image_folder, conv_mode, loaded.model.config)
-    return gen.run_generation(
-        requests,
-        loaded.model,
-        loaded.tokenizer,
-        loaded.image_processor,
-        gen.settings_from_args(args, gen.stop_str_for(conv_mode)),
-        args.answers_file,
-        model_id=loaded.name,
-        batch_size=args.batch_size,
+    questions = cli.get_chunk(read_questions(args.question_file), args.num_chunks, args.chunk_idx)
+    cli.check_images_exist((q["question_id"], image_path(args.image_folder, q)) for q in questions)
+    return cli.answer_questions(
+        args, lambda conv_mode, config: build_requests(questions, args.image_folder, conv_mode, config)
     )
 
 

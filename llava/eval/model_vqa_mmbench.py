@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
+from llava.eval import cli
 from llava.eval import generation as gen
 from llava.mm_utils import load_image_from_base64
 
@@ -116,12 +117,12 @@ def build_requests(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    gen.add_model_arguments(parser, conv_mode="llava_v1")
+    cli.add_model_arguments(parser, conv_mode="llava_v1")
     parser.add_argument("--image-folder", type=str, default="", help="unused: the images are in the TSV")
     parser.add_argument("--question-file", type=str, default="tables/question.jsonl")
     parser.add_argument("--answers-file", type=str, default="answer.jsonl")
-    gen.add_chunk_arguments(parser)
-    gen.add_generation_arguments(parser, max_new_tokens=1024)
+    cli.add_chunk_arguments(parser)
+    cli.add_generation_arguments(parser, max_new_tokens=1024)
     parser.add_argument("--all-rounds", action="store_true")
     parser.add_argument("--single-pred-prompt", action="store_true")
     parser.add_argument("--lang", type=str, default="en", choices=sorted(SINGLE_PRED_PROMPTS))
@@ -129,23 +130,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> gen.RunSummary:
-    gen.configure_logging()
+    cli.configure_logging()
     args = parse_args(argv)
-    table = gen.get_chunk(read_questions(args.question_file), args.num_chunks, args.chunk_idx)
-    loaded = gen.load_model(args)
-    conv_mode = gen.mmtag_conv_mode(args.conv_mode, loaded.name)
-    requests = build_requests(
-        table, conv_mode, loaded.model.config, args.single_pred_prompt, args.all_rounds, args.lang
-    )
-    return gen.run_generation(
-        requests,
-        loaded.model,
-        loaded.tokenizer,
-        loaded.image_processor,
-        gen.settings_from_args(args, gen.stop_str_for(conv_mode)),
-        args.answers_file,
-        model_id=loaded.name,
-        batch_size=args.batch_size,
+    table = cli.get_chunk(read_questions(args.question_file), args.num_chunks, args.chunk_idx)
+    return cli.answer_questions(
+        args,
+        lambda conv_mode, config: build_requests(
+            table, conv_mode, config, args.single_pred_prompt, args.all_rounds, args.lang
+        ),
     )
 
 

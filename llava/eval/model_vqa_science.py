@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.eval import cli
 from llava.eval import generation as gen
 
 SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
@@ -75,12 +76,12 @@ def build_requests(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    gen.add_model_arguments(parser, conv_mode="llava_v0")
+    cli.add_model_arguments(parser, conv_mode="llava_v0")
     parser.add_argument("--image-folder", type=str, default="")
     parser.add_argument("--question-file", type=str, default="tables/question.json")
     parser.add_argument("--answers-file", type=str, default="answer.jsonl")
-    gen.add_chunk_arguments(parser)
-    gen.add_generation_arguments(parser, max_new_tokens=1024)
+    cli.add_chunk_arguments(parser)
+    cli.add_generation_arguments(parser, max_new_tokens=1024)
     parser.add_argument("--single-pred-prompt", action="store_true")
     parser.add_argument(
         "--answer-prompter", action="store_true",
@@ -90,26 +91,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> gen.RunSummary:
-    gen.configure_logging()
+    cli.configure_logging()
     args = parse_args(argv)
     if args.answer_prompter:
         raise SystemExit("--answer-prompter (the seed's two-pass LLaVA-v0 reasoning prompt) is not supported.")
-    questions = gen.get_chunk(read_questions(args.question_file), args.num_chunks, args.chunk_idx)
-    gen.check_images_exist((q["id"], image_path(args.image_folder, q)) for q in questions if "image" in q)
-    loaded = gen.load_model(args)
-    requests = build_requests(
-        questions, args.image_folder, args.conv_mode, loaded.model.config, args.single_pred_prompt
-    )
-    return gen.run_generation(
-        requests,
-        loaded.model,
-        loaded.tokenizer,
-        loaded.image_processor,
-        gen.settings_from_args(args, gen.stop_str_for(args.conv_mode)),
-        args.answers_file,
-        model_id=loaded.name,
-        batch_size=args.batch_size,
+    questions = cli.get_chunk(read_questions(args.question_file), args.num_chunks, args.chunk_idx)
+    cli.check_images_exist((q["id"], image_path(args.image_folder, q)) for q in questions if "image" in q)
+    return cli.answer_questions(
+        args,
+        lambda conv_mode, config: build_requests(
+            questions, args.image_folder, conv_mode, config, args.single_pred_prompt
+        ),
         preprocessing="plain",
+        switch_plain_template=False,
     )
 
 

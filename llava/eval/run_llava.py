@@ -14,6 +14,7 @@ import os
 import re
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_PLACEHOLDER
+from llava.eval import cli
 from llava.eval import generation as gen
 
 logger = logging.getLogger(__name__)
@@ -67,19 +68,19 @@ def image_files(image_file: str, sep: str) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    gen.add_model_arguments(parser, conv_mode=None)
+    cli.add_model_arguments(parser, conv_mode=None)
     parser.add_argument("--image-file", type=str, required=True)
     parser.add_argument("--query", type=str, required=True)
     parser.add_argument("--sep", type=str, default=",")
-    gen.add_generation_arguments(parser, max_new_tokens=512, batch_size=None)
+    cli.add_generation_arguments(parser, max_new_tokens=512, batch_size=None)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> str:
-    gen.configure_logging()
+    cli.configure_logging()
     args = parse_args(argv)
     paths = image_files(args.image_file, args.sep)
-    loaded = gen.load_model(args)
+    loaded = cli.load_model(args)
     conv_mode = choose_conv_mode(args.conv_mode, loaded.name)
     message = user_message(args.query, getattr(loaded.model.config, "mm_use_im_start_end", False))
     if message.count(DEFAULT_IMAGE_TOKEN) != len(paths):
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> str:
         recorded_prompt=args.query,
         images=[gen.open_rgb(p) for p in paths],
     )
-    settings = gen.settings_from_args(args, gen.stop_str_for(conv_mode))
+    settings = cli.settings_from_args(args, gen.stop_str_for(conv_mode))
     generator = gen.Generator(loaded.model, loaded.tokenizer, loaded.image_processor, settings, batch_size=1)
     answer = next(generator.answer([request]))[1]
     print(answer)

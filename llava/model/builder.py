@@ -2,7 +2,11 @@
 
 An adapter folder (``adapter_config.json``) is loaded onto ``model_base`` and merged for inference.
 Both the upstream PEFT format and the seed's DoRA format are read; DoRA magnitudes are restored
-from wherever the checkpoint keeps them (see ``peft_dora.load_dora_adapter``).
+from wherever the checkpoint keeps them (see ``peft_dora.load_dora_adapter``), or, with
+``dora_magnitudes="weight_norm"``, set to ||W0|| as the seed's loader did for the paper's DoRA row.
+
+Weights load straight onto the target device (``device_map``) and adapters merge there: an evaluation
+process never holds a full CPU copy of the 7B model.
 """
 
 from __future__ import annotations
@@ -49,6 +53,15 @@ def _is_adapter(model_path: str) -> bool:
     return os.path.exists(os.path.join(model_path, "adapter_config.json"))
 
 
+def adapter_kind(model_path: str) -> str | None:
+    """"dora" or "lora" for an adapter folder (either format), None for anything else."""
+    if not _is_adapter(model_path):
+        return None
+    config = json.loads(Path(model_path, "adapter_config.json").read_text())
+    peft_type = str(config.get("peft_type", "")).upper()
+    return "dora" if peft_type == "DORA" or (peft_type == "LORA" and config.get("use_dora", False)) else "lora"
+
+
 def load_pretrained_model(
     model_path: str,
     model_base: str | None,
@@ -60,19 +73,26 @@ def load_pretrained_model(
     use_flash_attn: bool = False,
     missing_magnitudes: str = "error",
     torch_dtype: torch.dtype | None = None,
+    dora_magnitudes: str = "trained",
     **kwargs,
 ):
     """Returns (tokenizer, model, image_processor, context_len), as the original LLaVA builder.
 
-    ``missing_magnitudes="weight_norm"`` reproduces the seed loader for DoRA checkpoints whose
-    magnitudes cannot be found (it silently used m = ||W0||); the default refuses such checkpoints.
+    ``dora_magnitudes="weight_norm"`` evaluates a DoRA checkpoint as the seed's loader did (m = ||W0||
+    for every layer, the trained magnitudes ignored): the paper's published DoRA row. ``"trained"``
+    (default) restores the trained magnitudes; ``missing_magnitudes="weight_norm"`` then fills in only
+    those a checkpoint lacks, which the default refuses. Without ``device_map`` every weight is loaded
+    straight onto ``device``.
     """
     device = device or default_device()
     if torch_dtype is None:
         torch_dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    if dora_magnitudes not in ("trained", "weight_norm"):
+        raise ValueError(f"dora_magnitudes must be 'trained' or 'weight_norm', got {dora_magnitudes!r}.")
+    if dora_magnitudes != "trained" and adapter_kind(model_path) != "dora":
+        logger.warning("%s is not a DoRA adapter: dora_magnitudes=%s has no effect", model_path, dora_magnitudes)
     kwargs = {"torch_dtype": torch_dtype, **kwargs}
-    if device_map is not None:
-        kwargs["device_map"] = device_map
+    kwargs["device_map"] = device_map if device_map is not None else {"": device}
     if load_8bit or load_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -92,7 +112,7 @@ def load_pretrained_model(
                 f"{model_path} holds an adapter (adapter_config.json) but no --model-base was given: "
                 "pass the base language model, e.g. lmsys/vicuna-7b-v1.5."
             )
-        model, tokenizer = _load_adapter_model(model_path, model_base, missing_magnitudes, kwargs)
+        model, tokenizer = _load_adapter_model(model_path, model_base, missing_magnitudes, dora_magnitudes, kwargs)
     elif model_base is not None:
         logger.info("Loading the language model from %s and the projector from %s", model_base, model_path)
         tokenizer = AutoTokenizer.from_pretrained(model_base)
@@ -118,7 +138,7 @@ def load_pretrained_model(
     vision_tower = model.get_vision_tower()
     if vision_tower is None:
         raise ValueError(f"{model_path}: the config names no vision tower (mm_vision_tower); is this a LLaVA model?")
-    vision_tower.load_model(device_map=device_map)
+    vision_tower.load_model(device_map=kwargs["device_map"])
     if device_map is None:
         model.to(device=device, dtype=torch_dtype)
     model.eval()
@@ -126,7 +146,7 @@ def load_pretrained_model(
     return tokenizer, model, vision_tower.image_processor, context_len
 
 
-def _load_adapter_model(model_path: str, model_base: str, missing_magnitudes: str, kwargs: dict):
+def _load_adapter_model(model_path: str, model_base: str, missing_magnitudes: str, dora_magnitudes: str, kwargs: dict):
     from peft_dora import load_dora_adapter
 
     logger.info("Loading the base model %s and the adapter %s", model_base, model_path)
@@ -153,8 +173,9 @@ def _load_adapter_model(model_path: str, model_base: str, missing_magnitudes: st
 
         peft_model = PeftModel.from_pretrained(model, model_path)
     else:
-        peft_model, report = load_dora_adapter(model, model_path, missing_magnitudes=missing_magnitudes)
-        logger.info("%s", report)
+        peft_model, _ = load_dora_adapter(
+            model, model_path, missing_magnitudes=missing_magnitudes, magnitudes=dora_magnitudes
+        )
     model = peft_model.merge_and_unload()
     logger.info("Merged the adapter into the base weights")
     return model, tokenizer

@@ -42,6 +42,10 @@ NON_LORA_FILES = ("non_lora_trainables.safetensors", "non_lora_trainables.bin")
 PREFIX = "base_model.model."
 
 MissingMagnitudes = Literal["error", "weight_norm"]
+# "trained": the magnitudes the checkpoint holds (what training produced). "weight_norm": m = ||W0|| for every
+# layer, whatever the checkpoint holds: what the seed's loader evaluated, hence the paper's published DoRA row.
+MagnitudeMode = Literal["trained", "weight_norm"]
+MAGNITUDE_MODES = ("trained", "weight_norm")
 
 # The name of each tensor kind in either format; the magnitude has one name per format.
 _KINDS = {
@@ -334,6 +338,7 @@ class LoadReport:
     missing_filled_with: str | None
     non_lora_file: str | None
     non_lora_trainables: dict[str, torch.Tensor]
+    magnitudes: MagnitudeMode = "trained"
 
     @property
     def magnitudes_found(self) -> dict[str, int]:
@@ -347,7 +352,12 @@ class LoadReport:
             f"{self.path}: {self.format} format, {self.dora_layers} DoRA layers "
             f"({self.magnitude_only_layers} magnitude-only); magnitudes: {found}."
         ]
-        if self.missing_magnitudes:
+        if self.magnitudes == "weight_norm":
+            parts.append(
+                "Magnitude mode weight_norm: every magnitude was set to ||W0|| (row norms of the base weight) as the "
+                "seed's loader did, ignoring the trained ones: this reproduces the paper's DoRA row, not the trained model."
+            )
+        elif self.missing_magnitudes:
             parts.append(
                 f"{len(self.missing_magnitudes)} layers had no magnitude and were set to ||W0|| (row norms of the "
                 "base weight), as the seed's loader did: their outputs differ from the trained model."
@@ -387,15 +397,20 @@ def _base_weight(module: DoraLinear) -> torch.Tensor:
 
 @torch.no_grad()
 def _assign(
-    modules: dict[str, DoraLinear], layers: dict[str, LayerSpec], folder: AdapterFolder, adapter_name: str
+    modules: dict[str, DoraLinear],
+    layers: dict[str, LayerSpec],
+    folder: AdapterFolder,
+    adapter_name: str,
+    magnitudes: MagnitudeMode,
 ) -> None:
-    """Write A, B and m of every layer from what was read; m = ||W0|| where the folder has none."""
+    """Write A, B and m of every layer from what was read; m = ||W0|| where the folder has none or where
+    ``magnitudes="weight_norm"`` asks for it."""
     for name, spec in layers.items():
         module = modules[name]
         if not spec.magnitude_only:
             module.lora_A[adapter_name].weight.copy_(folder.lora_A[name])
             module.lora_B[adapter_name].weight.copy_(folder.lora_B[name])
-        magnitude = folder.magnitudes.get(name)
+        magnitude = folder.magnitudes.get(name) if magnitudes == "trained" else None
         if magnitude is None:
             magnitude = row_sq_norm(_base_weight(module)).sqrt()
         module.lora_magnitude_vector[adapter_name].weight.copy_(magnitude.reshape(-1))
@@ -407,17 +422,22 @@ def load_dora_adapter(
     adapter_name: str = "default",
     *,
     missing_magnitudes: MissingMagnitudes = "error",
+    magnitudes: MagnitudeMode = "trained",
     is_trainable: bool = False,
 ) -> tuple[PeftModel, LoadReport]:
     """Wrap ``model`` with the DoRA adapter in folder ``path`` (PEFT format or the seed's).
 
     Every tensor is checked against the model before the model is touched. A DoRA layer without a
     magnitude is an error unless ``missing_magnitudes="weight_norm"``, which sets m = ||W0|| as the
-    seed's loader did. Non-LoRA trainables (the projector) are returned in the report, keyed without
-    ``base_model.model.``, for the caller to load into the model.
+    seed's loader did. ``magnitudes="weight_norm"`` sets m = ||W0|| for every layer, whether or not the
+    folder holds magnitudes: exactly what the seed's loader evaluated (it dropped them), i.e. how the
+    paper's DoRA row was produced. Non-LoRA trainables (the projector) are returned in the report, keyed
+    without ``base_model.model.``, for the caller to load into the model.
     """
     if missing_magnitudes not in ("error", "weight_norm"):
         raise ValueError(f"missing_magnitudes must be 'error' or 'weight_norm', got {missing_magnitudes!r}.")
+    if magnitudes not in MAGNITUDE_MODES:
+        raise ValueError(f"magnitudes must be one of {MAGNITUDE_MODES}, got {magnitudes!r}.")
     if isinstance(model, PeftModel):
         raise TypeError("load_dora_adapter takes the base model, not a PeftModel.")
     folder = read_adapter_folder(path)
@@ -427,7 +447,7 @@ def load_dora_adapter(
     targets = {name for name in shapes if check_target_module_exists(config, name)}
     layers = check_layers(folder, config, shapes, targets)
     missing = [name for name in layers if name not in folder.magnitudes]
-    if missing and missing_magnitudes == "error":
+    if missing and missing_magnitudes == "error" and magnitudes == "trained":
         raise missing_magnitudes_error(
             folder, missing,
             "Pass missing_magnitudes='weight_norm' to set m = ||W0|| (the base weight's row norms) for them, which "
@@ -456,7 +476,7 @@ def load_dora_adapter(
         )
     # The PEFT format was loaded by PEFT already; writing again from what was read makes both formats end
     # in the same state and restores magnitudes PEFT does not look for.
-    _assign(modules, layers, folder, adapter_name)
+    _assign(modules, layers, folder, adapter_name, magnitudes)
     invalidate_norm_caches()
 
     report = LoadReport(
@@ -469,8 +489,9 @@ def load_dora_adapter(
         missing_filled_with="weight_norm" if missing else None,
         non_lora_file=folder.non_lora_file,
         non_lora_trainables={_strip(k): v for k, v in folder.non_lora_trainables.items()},
+        magnitudes=magnitudes,
     )
     logger.info(report.summary())
-    if missing:
+    if missing and magnitudes == "trained":
         logger.warning("%s: set m = ||W0|| for DoRA layers without a magnitude: %s", folder.path, _some(missing))
     return peft_model, report

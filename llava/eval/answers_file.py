@@ -1,0 +1,141 @@
+"""The answers file: one JSON line per question, appended and flushed as soon as it is answered.
+
+A rerun answers only what the file lacks, so a killed run loses at most the line it was writing (a
+last line without its newline is cut off and answered again). Resuming must never mix answers of
+different runs: an existing answer for the same question but another prompt, or one made under other
+run settings recorded in its "metadata" (``RUN_FIELDS``, e.g. the DoRA magnitude mode), stops the run
+with a message instead of being reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, TextIO
+
+import shortuuid
+
+if TYPE_CHECKING:
+    from llava.eval.generation import Request
+
+logger = logging.getLogger(__name__)
+
+AnswerKey = tuple[Any, Any]
+
+# Run settings recorded in each answer's "metadata" and checked on resume, with the value that a
+# line written before the setting existed stands for (the behaviour at the time).
+RUN_FIELDS = {"dora_magnitudes": "trained"}
+
+
+def read_answered(path: Path) -> dict[AnswerKey, list[dict[str, Any]]]:
+    """Answer lines already in ``path``, per (question_id, round_id), in file order.
+
+    A last line without its newline was cut by a killed run: it is removed from the file, so the
+    question is answered again and appears once.
+    """
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        logger.warning(
+            "%s: dropping a partly written last line (%d bytes) left by an interrupted run", path, len(data) - keep
+        )
+        with path.open("r+b") as f:
+            f.truncate(keep)
+        data = data[:keep]
+    answered: dict[AnswerKey, list[dict[str, Any]]] = defaultdict(list)
+    for number, line in enumerate(data.decode("utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"Answers file {path}, line {number}: not valid JSON ({err.msg}); fix or remove the file."
+            ) from None
+        if not isinstance(record, dict) or "question_id" not in record:
+            raise ValueError(f"Answers file {path}, line {number}: not an answer line (no question_id).")
+        record["_line"] = number
+        answered[(record["question_id"], record.get("round_id"))].append(record)
+    return answered
+
+
+def _recorded_setting(record: dict[str, Any], name: str, run_info: dict[str, Any]) -> Any:
+    metadata = record.get("metadata") or {}
+    if name in metadata:
+        return metadata[name]
+    # A line from before the setting was recorded: it was made with the only behaviour there was, which
+    # applied to the same kind of checkpoint (a DoRA setting means nothing for other checkpoints).
+    return RUN_FIELDS[name] if name in run_info else None
+
+
+def check_run_settings(answered: dict[AnswerKey, list[dict[str, Any]]], run_info: dict[str, Any], path: Path) -> None:
+    """Stop if any existing answer was made under other run settings than ``run_info``."""
+    for records in answered.values():
+        for record in records:
+            for name in RUN_FIELDS:
+                recorded, wanted = _recorded_setting(record, name, run_info), run_info.get(name)
+                if recorded != wanted:
+                    raise ValueError(
+                        f"Answers file {path}, line {record['_line']}: answered with {name}={recorded!r}, but this "
+                        f"run uses {name}={wanted!r}; answers of different settings must not be mixed. Choose another "
+                        "--answers-file (7B_eval_dora.sh: another CKPT name or RESULTPATH), or delete the file to "
+                        "answer every question again."
+                    )
+
+
+def pending_requests(
+    requests: Sequence[Request], answered: dict[AnswerKey, list[dict[str, Any]]], path: Path
+) -> list[Request]:
+    """The requests still to answer; the n-th request of a key is done if the file has n answers for it.
+
+    Counting (not a set) keeps questions that share an id apart (TextVQA's ids are image ids).
+    """
+    seen: Counter[AnswerKey] = Counter()
+    todo = []
+    for request in requests:
+        done = answered.get(request.key, [])
+        index = seen[request.key]
+        seen[request.key] += 1
+        if index >= len(done):
+            todo.append(request)
+            continue
+        prompt = done[index].get("prompt")
+        if prompt is not None and prompt != request.recorded_prompt:
+            raise ValueError(
+                f"Answers file {path} answers question {request.question_id!r} for another prompt "
+                f"({prompt!r} instead of {request.recorded_prompt!r}): it was written for other questions "
+                "or flags; remove it or choose another --answers-file."
+            )
+    return todo
+
+
+def answer_line(request: Request, text: str, model_id: str, run_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One answers-file record, keys in the seed's order; run settings go into "metadata"."""
+    line: dict[str, Any] = {"question_id": request.question_id}
+    if request.round_id is not None:
+        line["round_id"] = request.round_id
+    line["prompt"] = request.recorded_prompt
+    line["text"] = text
+    line.update(request.extra)
+    line.update({"answer_id": shortuuid.uuid(), "model_id": model_id, "metadata": dict(run_info or {})})
+    return line
+
+
+@contextmanager
+def appending(path: Path) -> Iterator[TextIO]:
+    """The answers file opened for appending (its folder created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as out:
+        yield out
+
+
+def write_answer(out: TextIO, line: dict[str, Any]) -> None:
+    """Append one answer and flush it, so that a killed run keeps every finished answer."""
+    out.write(json.dumps(line) + "\n")
+    out.flush()
