@@ -11,9 +11,12 @@
 #   BASEPATH    this repository's root
 #
 # Environment: MODEL_BASE (lmsys/vicuna-7b-v1.5, or a local folder), CONV_MODE (vicuna_v1),
-# BATCH_SIZE (16), MMBENCH_ALL_ROUNDS (0; 1 asks every rotation of the options, for local
-# CircularEval), PYTHON (.venv/bin/python when present). One answers chunk runs per visible GPU;
-# a rerun skips the questions already answered. Benchmarks whose data is absent are skipped.
+# BATCH_SIZE (16), DORA_MAGNITUDES (trained: the magnitudes training produced; weight_norm:
+# m = ||W0|| for every DoRA layer, as the seed's loader evaluated the paper's published DoRA row),
+# MMBENCH_ALL_ROUNDS (1: every rotation of the options is asked, for CircularEval, the paper's
+# metric; 0: one round, which the table marks as single-round), PYTHON (.venv/bin/python when
+# present). One answers chunk runs per visible GPU; a rerun skips the questions already answered.
+# Benchmarks whose data is absent are skipped.
 set -uo pipefail
 
 if [ $# -ne 5 ]; then
@@ -27,12 +30,18 @@ RESULTPATH=$4
 BASEPATH=$5
 cd "$BASEPATH" || { echo "BASEPATH $BASEPATH does not exist" >&2; exit 2; }
 [ -e "$CKPT_PATH" ] || { echo "CKPT_PATH $CKPT_PATH does not exist" >&2; exit 2; }
+[ -d "$EVALPATH" ] || { echo "EVALPATH $EVALPATH is not a folder: give the evaluation data (see README.md, Evaluation data)" >&2; exit 2; }
 
 MODEL_BASE=${MODEL_BASE-lmsys/vicuna-7b-v1.5}
 CONV_MODE=${CONV_MODE:-vicuna_v1}
 BATCH_SIZE=${BATCH_SIZE:-16}
-MMBENCH_ALL_ROUNDS=${MMBENCH_ALL_ROUNDS:-0}
+MMBENCH_ALL_ROUNDS=${MMBENCH_ALL_ROUNDS:-1}
+DORA_MAGNITUDES=${DORA_MAGNITUDES:-trained}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+case "$DORA_MAGNITUDES" in
+  trained|weight_norm) ;;
+  *) echo "DORA_MAGNITUDES must be trained or weight_norm, not '$DORA_MAGNITUDES'" >&2; exit 2 ;;
+esac
 IFS=',' read -ra GPULIST <<< "${CUDA_VISIBLE_DEVICES:-}"
 CHUNKS=${#GPULIST[@]}
 [ "$CHUNKS" -ge 1 ] || { CHUNKS=1; GPULIST=(""); }
@@ -43,10 +52,25 @@ if ! compgen -G "$CKPT_PATH/model*.safetensors" >/dev/null && ! compgen -G "$CKP
   [ -n "$MODEL_BASE" ] || { echo "$CKPT_PATH holds no full weights: set MODEL_BASE" >&2; exit 2; }
   MODEL_ARGS+=(--model-base "$MODEL_BASE")
 fi
-GEN_ARGS=(--temperature 0 --conv-mode "$CONV_MODE" --batch-size "$BATCH_SIZE")
+GEN_ARGS=(--temperature 0 --conv-mode "$CONV_MODE" --batch-size "$BATCH_SIZE" --dora-magnitudes "$DORA_MAGNITUDES")
 
 failed=()
 SUMMARY=(--write "$RESULTPATH/$CKPT" --method "$CKPT")
+KIND=$("$PYTHON" -c "import sys; from llava.model.builder import adapter_kind; print(adapter_kind(sys.argv[1]) or 'model')" "$CKPT_PATH") || exit 2
+if [ "$KIND" = dora ]; then
+  # The row records the magnitude mode; a result folder already holding the other mode's answers is refused.
+  RECORDED=$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1])).get('dora_magnitudes') or '')" \
+    "$RESULTPATH/$CKPT/results.json" 2>/dev/null)
+  if [ -n "$RECORDED" ] && [ "$RECORDED" != "$DORA_MAGNITUDES" ]; then
+    echo "$RESULTPATH/$CKPT holds results with DORA_MAGNITUDES=$RECORDED; this run uses $DORA_MAGNITUDES." >&2
+    echo "Use another CKPT name (e.g. $CKPT-$DORA_MAGNITUDES) or another RESULTPATH, so the two modes stay apart." >&2
+    exit 2
+  fi
+  SUMMARY+=(--dora-magnitudes "$DORA_MAGNITUDES")
+  echo "== DoRA checkpoint, magnitudes: $DORA_MAGNITUDES"
+elif [ "$DORA_MAGNITUDES" != trained ]; then
+  echo "== $CKPT_PATH is not a DoRA adapter: DORA_MAGNITUDES=$DORA_MAGNITUDES has no effect"
+fi
 if [ -f "$CKPT_PATH/trainable_parameters.json" ]; then
   SUMMARY+=(--params-percent "$("$PYTHON" -c "import json,sys; print(json.load(open(sys.argv[1]))['percent'])" "$CKPT_PATH/trainable_parameters.json")")
 fi

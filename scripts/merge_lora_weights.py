@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="dtype of the saved weights (auto: the dtype recorded in the base's config.json)")
     parser.add_argument("--missing-magnitudes", default="error", choices=["error", "weight_norm"],
                         help="weight_norm: reproduce the seed loader for DoRA checkpoints without magnitudes")
+    parser.add_argument("--dora-magnitudes", default="trained", choices=["trained", "weight_norm"],
+                        help="weight_norm: m = ||W0|| for every DoRA layer, the model the seed's loader evaluated")
     return parser.parse_args(argv)
 
 
@@ -45,12 +47,12 @@ def base_dtype(model_base: str) -> torch.dtype:
 
 
 def merge_lora(model_path: str, model_base: str, save_model_path: Path, dtype: str = "auto",
-               missing_magnitudes: str = "error") -> None:
+               missing_magnitudes: str = "error", dora_magnitudes: str = "trained") -> None:
     """Merge, then save through ``save_model_path.tmp``, renamed at the end: a failed run leaves no half model."""
     out_dtype = base_dtype(model_base) if dtype == "auto" else DTYPES[dtype]
     tokenizer, model, _, _ = load_pretrained_model(
         model_path, model_base, get_model_name_from_path(model_path), device="cpu", torch_dtype=torch.float32,
-        missing_magnitudes=missing_magnitudes,
+        missing_magnitudes=missing_magnitudes, dora_magnitudes=dora_magnitudes,
     )
     model.to(out_dtype)
     out = Path(save_model_path)
@@ -66,7 +68,8 @@ def merge_lora(model_path: str, model_base: str, save_model_path: Path, dtype: s
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    merge_lora(args.model_path, args.model_base, args.save_model_path, args.dtype, args.missing_magnitudes)
+    merge_lora(args.model_path, args.model_base, args.save_model_path, args.dtype, args.missing_magnitudes,
+               args.dora_magnitudes)
 
 
 if __name__ == "__main__":

@@ -228,6 +228,23 @@ def test_resume_refuses_an_answers_file_for_other_prompts(tmp_path):
         answers_file.pending_requests([gen.Request(1, "p", "new prompt")], answers_file.read_answered(answers), answers)
 
 
+def test_resume_refuses_answers_made_with_other_dora_magnitudes(tmp_path):
+    answers = tmp_path / "a.jsonl"
+    old = {"question_id": 1, "prompt": "p1", "text": "x", "metadata": {}}  # written before the mode was recorded
+    trained = {"question_id": 2, "prompt": "p2", "text": "y", "metadata": {"dora_magnitudes": "trained"}}
+    answers.write_text(json.dumps(old) + "\n" + json.dumps(trained) + "\n")
+    answered = answers_file.read_answered(answers)
+    answers_file.check_run_settings(answered, {"dora_magnitudes": "trained"}, answers)  # both lines are "trained"
+    with pytest.raises(ValueError, match=r"a\.jsonl, line 1: answered with dora_magnitudes='trained', but this run "
+                                         r"uses dora_magnitudes='weight_norm'"):
+        answers_file.check_run_settings(answered, {"dora_magnitudes": "weight_norm"}, answers)
+    with pytest.raises(ValueError, match="line 2: answered with dora_magnitudes='trained'.*=None"):
+        answers_file.check_run_settings(answered, {}, answers)  # a non-DoRA checkpoint
+
+    line = answers_file.answer_line(gen.Request(3, "p3", "p3"), "z", "m", {"dora_magnitudes": "weight_norm"})
+    assert line["metadata"] == {"dora_magnitudes": "weight_norm"}
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -2,14 +2,17 @@
 
     python -m llava.eval.eval_gqa --questions gqa/data/testdev_balanced_questions.json \
         (--predictions testdev_balanced_predictions.json | --result-file answers.jsonl) \
-        [--official-dir gqa/data] [--metrics-json gqa.json]
+        [--official-dir gqa/data [--work-dir DIR]] [--metrics-json gqa.json]
 
 Local accuracy: exact match of the prediction (as ``scripts/convert_gqa_for_eval.py`` writes it:
 trailing "." removed, lowercased) and the question's "answer", over the balanced questions of the
 file (every question of testdev_balanced); a question without a prediction is wrong. This is the
 "Accuracy" the official eval.py prints. With ``--official-dir`` the official eval.py found there
-(``eval/eval.py`` or ``eval.py``) is also run, from that folder, on
-``<official-dir>/<tier>_predictions.json``, exactly as the seed did.
+(``eval/eval.py`` or ``eval.py``) is also run as the seed ran it (``python eval/eval.py --tier TIER``
+reading ``<tier>_predictions.json`` and the other data files from its working folder), but from a
+working folder of its own (``--work-dir``, default beside the predictions) that links every entry of
+the GQA data folder and holds the predictions: nothing is written into the evaluation data, so two
+checkpoints evaluated at once cannot overwrite each other's predictions.
 """
 
 from __future__ import annotations
@@ -67,11 +70,31 @@ def find_official_eval(gqa_dir: str | Path) -> Path | None:
     return None
 
 
-def run_official_eval(gqa_dir: str | Path, predictions_file: str | Path | None = None,
-                      tier: str = "testdev_balanced") -> tuple[str, float | None]:
-    """Run the official eval.py like the seed (``cd GQADIR; python eval/eval.py --tier TIER``).
+def official_work_dir(predictions_file: str | Path, tier: str = "testdev_balanced") -> Path:
+    """The default working folder of the official eval.py: beside the predictions."""
+    return Path(predictions_file).resolve().parent / f"{tier}_official_eval"
 
-    The predictions are copied to ``<gqa_dir>/<tier>_predictions.json`` first when they are elsewhere.
+
+def mirror_data_folder(gqa_dir: Path, work_dir: Path, predictions_file: Path, tier: str) -> None:
+    """Make ``work_dir`` look like the GQA data folder (a link per entry) with these predictions in it."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    target = work_dir / f"{tier}_predictions.json"
+    for entry in gqa_dir.iterdir():
+        link = work_dir / entry.name
+        if entry.resolve() == work_dir.resolve() or link == target or link.is_symlink() or link.exists():
+            continue
+        link.symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+    temporary = target.with_name(target.name + ".tmp")
+    shutil.copyfile(predictions_file, temporary)
+    temporary.replace(target)
+
+
+def run_official_eval(gqa_dir: str | Path, predictions_file: str | Path, tier: str = "testdev_balanced",
+                      work_dir: str | Path | None = None) -> tuple[str, float | None]:
+    """Run the official eval.py like the seed (``python eval/eval.py --tier TIER`` in a folder holding the
+    GQA data and ``<tier>_predictions.json``), from ``work_dir``, which mirrors ``gqa_dir`` (see
+    ``mirror_data_folder``); ``gqa_dir`` itself is only read.
+
     Returns the script's output and the accuracy it printed (None if no "Accuracy: X%" line).
     """
     gqa_dir = Path(gqa_dir).resolve()
@@ -79,10 +102,9 @@ def run_official_eval(gqa_dir: str | Path, predictions_file: str | Path | None =
     if script is None:
         raise InputFileError(f"{gqa_dir}: no eval/eval.py or eval.py; get GQA's evaluation script (see the README's "
                              "GQA section) or use the local accuracy")
-    target = gqa_dir / f"{tier}_predictions.json"
-    if predictions_file is not None and Path(predictions_file).resolve() != target:
-        shutil.copyfile(predictions_file, target)
-    completed = subprocess.run([sys.executable, str(script), "--tier", tier], cwd=gqa_dir,
+    work_dir = Path(work_dir) if work_dir is not None else official_work_dir(predictions_file, tier)
+    mirror_data_folder(gqa_dir, work_dir, Path(predictions_file), tier)
+    completed = subprocess.run([sys.executable, str(script), "--tier", tier], cwd=work_dir,
                                capture_output=True, text=True)
     output = completed.stdout + completed.stderr
     if completed.returncode != 0:
@@ -98,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument("--predictions", help="converted predictions [{questionId, prediction}]")
     source.add_argument("--result-file", help="answers JSONL (converted on the fly)")
     parser.add_argument("--official-dir", help="also run the official eval.py found in this folder (gqa/data)")
+    parser.add_argument("--work-dir", help="with --official-dir: the official script's working folder, mirroring the "
+                        "data folder (default: beside the predictions, or the answers file)")
     parser.add_argument("--tier", default="testdev_balanced")
     parser.add_argument("--metrics-json", help="also write {accuracy (percent), questions}")
     args = parser.parse_args(argv)
@@ -114,9 +138,11 @@ def main(argv: list[str] | None = None) -> None:
         accuracy, count = gqa_accuracy(questions, predictions)
         print(f"Questions: {count}\nAccuracy: {accuracy:.2f}%")
         if args.official_dir:
-            if args.predictions is None:
-                write_json_atomic(Path(args.official_dir) / f"{args.tier}_predictions.json", predictions)
-            output, _ = run_official_eval(args.official_dir, args.predictions, args.tier)
+            predictions_file = args.predictions
+            if predictions_file is None:
+                predictions_file = Path(args.result_file).resolve().parent / f"{args.tier}_predictions.json"
+                write_json_atomic(predictions_file, predictions)
+            output, _ = run_official_eval(args.official_dir, predictions_file, args.tier, args.work_dir)
             print(output, end="")
     except (InputFileError, RuntimeError) as error:
         sys.exit(f"error: {error}")
