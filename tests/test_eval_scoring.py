@@ -11,14 +11,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from llava.eval.answer_processor import leave_one_out_accuracy, normalize_answer, process_punctuation
+from llava.eval.answer_processor import (
+    leave_one_out_accuracy,
+    normalize_answer,
+    process_digit_article,
+    process_punctuation,
+)
 from llava.eval.eval_mmbench import mmbench_accuracy, parse_letter
 from llava.eval.eval_pope import parse_yes_no
 from llava.eval.eval_science_qa import FAILED, parse_option_letter
 from llava.eval.eval_textvqa import question_from_prompt
-from llava.eval.eval_vqa import vqa_score
+from llava.eval.eval_vqa import vizwiz_score, vqa_accuracy, vqa_score
 from llava.eval.jsonl import InputFileError, check_answers, read_jsonl, write_json_atomic
-from llava.eval.summarize import paper_score, render_table, write_results
+from llava.eval.summarize import load_results, paper_score, render_table, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,6 +73,48 @@ def test_punctuation_is_removed_everywhere_when_digits_hold_a_comma():
     # The official rule is decided per answer: "1,000" makes every mark vanish, even "(" inside a word.
     assert process_punctuation("1,000 (a)b") == "1000 ab"
     assert process_punctuation("x(a)b") == "x a b"
+
+
+# Expected values are what the official VQA evaluation (vqaEval.py's processPunctuation, then
+# processDigitArticle) returns for each input.
+@pytest.mark.parametrize("raw, punctuation_step, both_steps", [
+    ("1,,000", "1  000", "1 000"),  # two commas are not "digit, comma, digit": each becomes a space
+    ("1,000", "1000", "1000"),
+    ("a,b 1,2", "ab 12", "ab 12"),  # "1,2" somewhere: every mark is removed, also the one in "a,b"
+    ("a,b", "a b", "b"),  # no digits: the comma becomes a space, then "a" goes as an article
+    ("1,2,3", "123", "123"),
+    ("12,,34 (x)", "12  34 x ", "12 34 x"),
+    ("yes , no", "yes  no", "yes no"),  # the comma touches a space: removed
+    ("a ,b", "a b", "b"),
+    ("(a) b", " a b", "b"),  # ")" touches a space, so every ")" is removed; "(" touches none
+    ("dr. pepper", "dr pepper", "dr pepper"),
+    ("3.", "3", "3"),
+    ("u.s.a.", "usa", "usa"),
+    (".5", ".5", ".5"),  # a period before a digit stays
+    ("a.5", "a.5", "a.5"),
+    ("3 .5", "3 .5", "3 .5"),
+    ("1.000,5", "1.0005", "1.0005"),
+])
+def test_punctuation_and_digit_steps_match_the_official_code(raw, punctuation_step, both_steps):
+    assert process_punctuation(raw) == punctuation_step
+    assert process_digit_article(process_punctuation(raw)) == both_steps
+
+
+# Expected values are what EvalAI's answer processor (EvalAIAnswerProcessor, as LLaVA ships it) returns.
+@pytest.mark.parametrize("raw, expected", [
+    ("1,,000", "1000"),  # it deletes every comma first
+    ("1,000", "1000"),
+    ("a,b 1,2", "ab 12"),
+    ("a,b", "ab"),
+    ("1,000 (a)b", "1000 b"),
+    ("a-b 1,2", "b 12"),
+    ("yes , no", "yes no"),
+    ("It's 3.", "it 's 3"),
+    ("dr. pepper", "dr pepper"),
+    (".5", ".5"),
+])
+def test_normalize_answer_matches_evalai(raw, expected):
+    assert normalize_answer(raw) == expected
 
 
 def test_at_most_32_periods_are_dropped_as_in_the_official_code():
@@ -283,6 +330,22 @@ def test_vqa_score_follows_the_official_evaluation():
     # Identical human answers are compared as written.
     assert vqa_score("yes", ["yes"] * 10) == 1.0
     assert vqa_score("", ["yes"] * 10) == 0.0
+    # The official evaluation gives 90.0 and 0.0: "1,,000" becomes "1 000" (not "1000") when processed.
+    assert vqa_score("1 000", ["1,,000"] * 3 + ["other"] * 7) == pytest.approx(0.9)
+    assert vqa_score("1000", ["1,,000"] * 3 + ["other"] * 7) == 0.0
+    # ... and 0.0 here: identical human answers are not processed, so "1,,000" only matches itself.
+    assert vqa_score("1 000", ["1,,000"] * 10) == 0.0
+
+
+def test_vizwiz_score_processes_only_the_prediction():
+    # VizWiz's official evaluation gives 60.0 (2 of 10 humans wrote "cup"; "the cup" is not processed);
+    # the VQAv2 rule processes the humans' answers too and gives 100.0.
+    humans = ["cup"] * 2 + ["the cup"] * 8
+    assert vizwiz_score("A cup.", humans) == pytest.approx(0.6)
+    assert vqa_score("cup", humans) == 1.0
+    annotations = {"v0.jpg": {"image": "v0.jpg", "answer_type": "other",
+                              "answers": [{"answer": a, "answer_confidence": "yes"} for a in humans]}}
+    assert vqa_accuracy(annotations, {"v0.jpg": "cup"})["accuracy"] == pytest.approx(60.0)
 
 
 def test_vqa_local_accuracy_cli(tmp_path):
@@ -380,10 +443,22 @@ def mmbench_answers() -> list[dict]:
     ]
 
 
+# Expected letters are what VLMEvalKit's can_infer (the MMBench authors' matching without an LLM judge)
+# returns for options A "red apple", B "green pear", C "plum"; its False and "Z" are None here.
 @pytest.mark.parametrize("text, expected", [
-    ("B", "B"), (" C\n", "C"), ("C. dog", "C"), ("A because", "A"), ("I pick (B)", "B"),
-    ("a red apple", "A"), ("A or B", "A"), ("Either A or B", None), ("both fruits", None), ("", None),
-    ("AB", None),
+    ("B", "B"), (" C\n", "C"), ("B.", "B"), ("[C]", "C"), ("C. dog", "C"), ("A because", "A"),
+    ("I pick (B)", "B"), ("It is A.", "A"), ("A A", "A"),
+    ("A or B", None), ("B or A", None), ("Either A or B", None),  # several letters: not credited
+    ("B is right because it is red", None),  # the letter is not among the last four words
+    ("The answer is B because it is red", "B"),  # ... but "answer is X" names it
+    ("The correct answer is **C**, a plum, since it is purple", "C"),
+    ("answer is c.", "C"),
+    ("answer is E", None),  # E is not a shown letter
+    ("a red apple", "A"), ("I think it is a plum", "C"),  # one option's text in the answer
+    ("plum or green pear", None),  # two options' texts
+    ("The fruit in the picture is most likely a red apple", None),  # longer than twice the option texts
+    ("Z", None), ("Cannot determine the answer: A", None),  # "Z" and the reject list
+    ("both fruits", None), ("", None), ("AB", None),
 ])
 def test_mmbench_letter_parsing(text, expected):
     assert parse_letter(text, "ABC", ["red apple", "green pear", "plum"]) == expected
@@ -392,10 +467,30 @@ def test_mmbench_letter_parsing(text, expected):
 def test_mmbench_circular_eval(tmp_path):
     tsv = pd.read_csv(mmbench_tsv(tmp_path / "dev.tsv"), sep="\t")
     metrics = mmbench_accuracy(tsv, mmbench_answers())
-    assert metrics == {"accuracy": pytest.approx(100 / 3), "circular": True, "questions": 3,
-                       "single_round_accuracy": 100.0}
+    # q0 right in both rotations; q1 wrong in its last; q2 lacks two: 1 of 3. Round 0 is right for all 3.
+    assert metrics == {"circular_accuracy": pytest.approx(100 / 3), "single_round_accuracy": 100.0, "questions": 3}
     round0 = [a for a in mmbench_answers() if a["round_id"] == 0]
-    assert mmbench_accuracy(tsv, round0)["circular"] is False
+    assert mmbench_accuracy(tsv, round0) == {"circular_accuracy": None, "single_round_accuracy": 100.0,
+                                             "questions": 3}
+
+
+def test_mmbench_circular_eval_counted_by_hand(tmp_path):
+    tsv = pd.read_csv(mmbench_tsv(tmp_path / "dev.tsv"), sep="\t")
+    answers = [
+        # q0 (right: dog): round 1 shows A dog, B cat; "dog" is read from the option text as A.
+        rotation(0, 0, ["cat", "dog"], "B"), rotation(0, 1, ["cat", "dog"], "dog"),
+        # q1 (right: red, at A, C, B in turn): round 2 names two letters, which is not credited.
+        rotation(1, 0, ["red", "blue", "green"], "A"), rotation(1, 1, ["red", "blue", "green"], "C"),
+        rotation(1, 2, ["red", "blue", "green"], "B or A"),
+        # q2 (right: "4", at D, C, B, A in turn): all four right.
+        rotation(2, 0, ["1", "2", "3", "4"], "(D)"), rotation(2, 1, ["1", "2", "3", "4"], "C"),
+        rotation(2, 2, ["1", "2", "3", "4"], "B"), rotation(2, 3, ["1", "2", "3", "4"], "The answer is A"),
+    ]
+    # Circularly right: q0 and q2 (2 of 3); round 0 right: all three.
+    assert mmbench_accuracy(tsv, answers) == {"circular_accuracy": pytest.approx(200 / 3),
+                                              "single_round_accuracy": 100.0, "questions": 3}
+    answers[1] = rotation(0, 1, ["cat", "dog"], "B")  # now names cat: q0 falls too
+    assert mmbench_accuracy(tsv, answers)["circular_accuracy"] == pytest.approx(100 / 3)
 
 
 def test_mmbench_cli_and_upload(tmp_path):
@@ -403,9 +498,18 @@ def test_mmbench_cli_and_upload(tmp_path):
     results = tmp_path / "answers"
     results.mkdir()
     write_jsonl(results / "exp.jsonl", [a for a in mmbench_answers() if a["question_id"] != 2])
+    metrics_file = tmp_path / "mmbench.json"
     out = run("-m", "llava.eval.eval_mmbench", "--annotation-file", str(tsv),
-              "--result-file", str(results / "exp.jsonl")).stdout
+              "--result-file", str(results / "exp.jsonl"), "--metrics-json", str(metrics_file)).stdout
     assert "CircularEval accuracy: 33.33%" in out  # q0 only; q2 unanswered
+    assert json.loads(metrics_file.read_text()) == {
+        "circular_accuracy": pytest.approx(100 / 3), "single_round_accuracy": pytest.approx(200 / 3), "questions": 3}
+    round0 = write_jsonl(tmp_path / "round0.jsonl", [a for a in mmbench_answers() if a["round_id"] == 0])
+    out = run("-m", "llava.eval.eval_mmbench", "--annotation-file", str(tsv), "--result-file", str(round0),
+              "--metrics-json", str(metrics_file)).stdout
+    assert "Accuracy (round 0): 100.00%" in out and "CircularEval accuracy:" not in out
+    assert json.loads(metrics_file.read_text()) == {"circular_accuracy": None, "single_round_accuracy": 100.0,
+                                                    "questions": 3}
     run("scripts/convert_mmbench_for_submission.py", "--annotation-file", str(tsv), "--result-dir", str(results),
         "--upload-dir", str(tmp_path / "upload"), "--experiment", "exp")
     sheet = pd.read_excel(tmp_path / "upload" / "exp.xlsx", engine="openpyxl")
@@ -439,6 +543,103 @@ def test_results_table_and_recording(tmp_path):
     assert saved["benchmarks"]["vqav2"] == {"score": 78.6, "source": "server", "upload": "/r/vqav2/up.json"}
     assert saved["benchmarks"]["gqa"] == {"score": 62.9, "source": "local", "upload": None}
     assert render_table([saved]).splitlines()[2].startswith("| DoRA | 4.63 | 78.6 | 62.9 |")
+
+
+HEADER = ["| Method | # Params (%) | VQAv2 | GQA | VisWiz | SQA | VQAT | POPE | MMBench | Avg |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+SINGLE_ROUND_FOOTNOTE = (
+    "(X 1-round): MMBench single-round accuracy (each question asked once, options in their original order), "
+    "not CircularEval, the paper's MMBench metric; not in Avg. For CircularEval run 7B_eval_dora.sh with "
+    "MMBENCH_ALL_ROUNDS=1, or submit the MMBench upload to the evaluation server and record its score.")
+
+
+def test_mmbench_paper_score_is_circular_accuracy_only():
+    assert paper_score("mmbench", {"circular_accuracy": 66.1, "single_round_accuracy": 71.2, "questions": 3}) == 66.1
+    with pytest.raises(ValueError, match="circular_accuracy"):
+        paper_score("mmbench", {"circular_accuracy": None, "single_round_accuracy": 71.2, "questions": 3})
+    with pytest.raises(ValueError, match="circular_accuracy"):
+        paper_score("mmbench", {"accuracy": 71.2})
+
+
+def test_mmbench_single_round_is_never_shown_as_the_score(tmp_path):
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps({"circular_accuracy": None, "single_round_accuracy": 71.2, "questions": 3}))
+    circular = tmp_path / "circular.json"
+    circular.write_text(json.dumps({"circular_accuracy": 60.0, "single_round_accuracy": 70.0, "questions": 3}))
+    dora = tmp_path / "runs" / "dora"
+
+    def write(metrics: Path) -> dict:
+        run("-m", "llava.eval.summarize", "--write", str(dora), "--method", "DoRA", "--params-percent", "4.63",
+            "--score", "gqa=62.9", "--metrics", f"mmbench={metrics}", "--upload", "mmbench=/r/mmbench/up.xlsx")
+        return json.loads((dora / "results.json").read_text())
+
+    saved = write(single)
+    assert saved["benchmarks"]["mmbench"] == {"score": None, "source": "server", "upload": "/r/mmbench/up.xlsx",
+                                              "single_round_accuracy": 71.2}
+    assert render_table([saved], ["RUN"]).splitlines() == HEADER + [
+        "| DoRA | 4.63 | - | 62.9 | - | - | - | - | (71.2 1-round) [1] | 62.9* |",
+        "",
+        "* Avg over the benchmarks with a score only, not all 7.",
+        SINGLE_ROUND_FOOTNOTE,
+        ("[1] DoRA, MMBench: submit /r/mmbench/up.xlsx to the evaluation server, then record its score: "
+         "python -m llava.eval.summarize --record RUN mmbench SCORE"),
+    ]
+    run("-m", "llava.eval.summarize", "--record", str(dora), "mmbench", "66.1")
+    assert render_table([load_results(dora)]).splitlines()[2:] == [
+        "| DoRA | 4.63 | - | 62.9 | - | - | - | - | 66.1 | 64.5* |",  # (62.9 + 66.1) / 2
+        "",
+        "* Avg over the benchmarks with a score only, not all 7.",
+    ]
+    assert write(single)["benchmarks"]["mmbench"]["score"] == 66.1  # a rerun keeps the server's score
+    assert write(circular)["benchmarks"]["mmbench"] == {"score": 60.0, "source": "local",
+                                                        "upload": "/r/mmbench/up.xlsx", "single_round_accuracy": 70.0}
+    # A later single-round run supersedes a local score: no stale figure is left as the MMBench score.
+    assert write(single)["benchmarks"]["mmbench"]["score"] is None
+
+
+def test_old_results_json_mmbench_score_reads_as_before(tmp_path):
+    old = tmp_path / "lora" / "results.json"
+    old.parent.mkdir()
+    old.write_text(json.dumps({"method": "LoRA", "params_percent": 4.61, "benchmarks": {
+        "mmbench": {"score": 66.1, "source": "local", "upload": None}}}))
+    loaded = load_results(old)
+    assert loaded["dora_magnitudes"] is None
+    assert render_table([loaded]).splitlines() == HEADER + [
+        "| LoRA | 4.61 | - | - | - | - | - | - | 66.1 | 66.1* |",
+        "",
+        "* Avg over the benchmarks with a score only, not all 7.",
+    ]
+
+
+def test_dora_magnitudes_in_results_and_table(tmp_path):
+    paper_dora = dict(zip(["vqav2", "gqa", "vizwiz", "sqa", "textvqa", "pope", "mmbench"],
+                          [78.6, 62.9, 52.2, 69.9, 57.0, 87.2, 66.1]))
+    seed_like = write_results(tmp_path / "seed", "DoRA", 4.63, {k: {"score": v} for k, v in paper_dora.items()},
+                              dora_magnitudes="weight_norm")
+    run("-m", "llava.eval.summarize", "--write", str(tmp_path / "trained"), "--method", "DoRA",
+        "--params-percent", "4.63", "--dora-magnitudes", "trained", "--score", "gqa=63.0")
+    lora = write_results(tmp_path / "lora", "LoRA", 4.61, {"gqa": {"score": 62.9}})
+    assert json.loads(seed_like.read_text())["dora_magnitudes"] == "weight_norm"
+    assert json.loads((tmp_path / "trained" / "results.json").read_text())["dora_magnitudes"] == "trained"
+    assert json.loads(lora.read_text())["dora_magnitudes"] is None
+    rows = [load_results(path) for path in (seed_like, tmp_path / "trained", lora)]
+    assert render_table(rows).splitlines() == HEADER + [
+        "| DoRA (m = \\|\\|W0\\|\\|) | 4.63 | 78.6 | 62.9 | 52.2 | 69.9 | 57.0 | 87.2 | 66.1 | 67.7 |",  # 473.9 / 7
+        "| DoRA (trained m) | 4.63 | - | 63.0 | - | - | - | - | - | 63.0* |",
+        "| LoRA | 4.61 | - | 62.9 | - | - | - | - | - | 62.9* |",
+        "",
+        "* Avg over the benchmarks with a score only, not all 7.",
+        ("m = ||W0||: magnitudes set to the base weights' row norms, as the seed's loader evaluated "
+         "the paper's DoRA row."),
+    ]
+    # Later writes without the option keep the mode; a bad mode is refused when written and when read.
+    write_results(tmp_path / "seed", benchmarks={"gqa": {"score": 63.1}})
+    assert load_results(seed_like)["dora_magnitudes"] == "weight_norm"
+    with pytest.raises(ValueError, match="dora_magnitudes"):
+        write_results(tmp_path / "seed", dora_magnitudes="norm")
+    seed_like.write_text(json.dumps({"method": "DoRA", "dora_magnitudes": "norm", "benchmarks": {}}))
+    with pytest.raises(InputFileError, match="dora_magnitudes"):
+        load_results(seed_like)
 
 
 def test_scorer_cli_reports_bad_jsonl_with_file_and_line(tmp_path):

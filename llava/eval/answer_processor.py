@@ -10,7 +10,12 @@ purpose because the servers still run that code:
 - it passes ``re.UNICODE`` (32) where ``re.sub`` expects a count, so at most 32 periods are
   dropped from one answer;
 - whether a punctuation mark is removed or replaced by a space is decided once per mark for the
-  whole answer: if any occurrence touches a space, every occurrence is removed.
+  whole answer: if any occurrence touches a space, every occurrence is removed; and if the answer
+  holds a digit, exactly one comma and a digit in a row ("1,000"), every mark is removed. Two commas
+  between digits do not count: "1,,000" has its commas replaced by spaces, "1 000" in the end.
+
+``normalize_answer`` (EvalAI's processor) deletes every comma before the punctuation step, so only
+the VQA scoring of raw human answers (``eval_vqa``) ever meets the comma rule.
 """
 
 from __future__ import annotations
@@ -55,14 +60,14 @@ youll you'll | youre you're | youve you've
 """
 CONTRACTIONS = dict(pair.split() for pair in _CONTRACTION_PAIRS.replace("\n", "|").split("|") if pair.strip())
 
-_COMMA_BETWEEN_DIGITS = re.compile(r"(?<=\d)(,)+(?=\d)")
+_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 _PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
 _OFFICIAL_PERIOD_LIMIT = int(re.UNICODE)
 
 
 def process_punctuation(text: str) -> str:
     """Remove or blank out punctuation the way the official evaluation does (see module docstring)."""
-    remove_all = _COMMA_BETWEEN_DIGITS.search(text) is not None
+    remove_all = _DIGIT_COMMA_DIGIT.search(text) is not None
     out = text
     for mark in PUNCTUATION:
         if remove_all or mark + " " in text or " " + mark in text:

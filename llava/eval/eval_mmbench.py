@@ -7,21 +7,37 @@ With ``--all-rounds`` the generator asks each question once per rotation of its 
 writes ``round_id``, ``options`` (the option texts in the order shown) and ``option_char`` (the
 TSV letter of each shown option). A question counts as correct only if every rotation (one per
 option) is answered with the letter of the right option; a question with rotations missing counts
-as wrong. Without rotations in the file (a run without ``--all-rounds``, like the seed's) the score
-is plain accuracy over round 0, and the printout says so.
+as wrong. Without rotations in the file (a run without ``--all-rounds``, like the seed's) there is
+no CircularEval figure, only the single-round accuracy over round 0, which is not the paper's
+MMBench metric and is never reported as one.
 
-The letter is read from the answer text by ``parse_letter``: the text itself (stripped) if it is
-one of the letters shown; else its first character if that is a shown letter followed by "." or a
-space ("B. a cat", "B because"); else the one shown letter that stands alone as a word once the
-characters ``.()[],:;!*#{}`` are blanked out (the evaluation server's first heuristic); else the
-one option whose text appears in the answer, ignoring case (its second heuristic). Anything else
-is wrong. The server's last resort, asking an LLM to match the answer, is not reproduced.
+``--metrics-json`` writes ``{"circular_accuracy": percent or null (no rotations in the answers),
+"single_round_accuracy": percent, "questions": n}``.
+
+The letter is read from the answer text by ``parse_letter``, as the MMBench authors' reference
+evaluation (VLMEvalKit's ``can_infer``) reads it before it falls back to an LLM judge:
+
+1. an answer holding one of the "cannot answer" phrases of its reject list is wrong;
+2. the characters ``.()[],:;!*#{}`` are blanked out and the answer is split into words. If exactly one
+   shown letter stands alone as a word and its first occurrence is among the last four words, that
+   letter is the answer ("B", "B. a cat", "(B)", "I pick B"); a letter named earlier in a longer
+   answer ("B is right because it is red") is not taken at this step. If no shown letter but a
+   lone "Z" appears, the answer is wrong;
+3. else, if the raw answer says "answer is X" or "correct answer is X" (any case, X one of A-D,
+   possibly in ``**bold**``) and X is a shown letter, X;
+4. else, unless the answer is more than twice as long as all option texts together, the one option
+   whose text appears in the answer (ignoring case);
+5. anything else, including an answer that names several letters ("A or B"), is wrong.
+
+The reference's LLM judge for what these rules cannot read is not reproduced (without it an
+unreadable answer is wrong, as the reference's exact-matching mode scores it).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import string
 import sys
 from collections import defaultdict
@@ -34,7 +50,16 @@ if TYPE_CHECKING:
     import pandas as pd
 
 OPTION_COLUMNS = ("A", "B", "C", "D", "E")
-_BLANKED = ".()[],:;!*#{}"
+# The reference's list of refusals: an answer holding one is wrong whatever else it says.
+REJECT_PHRASES = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
+)
+_BLANK_OUT = str.maketrans(".()[],:;!*#{}", " " * 13)
+_LAST_WORDS = 4
+_ANSWER_IS = re.compile(r"(?:correct\s+)?answer\s+is\s+\**([ABCD])\**", re.IGNORECASE)
 
 
 def read_tsv(path: str | Path) -> pd.DataFrame:
@@ -66,19 +91,29 @@ def present_options(row: dict[str, Any]) -> list[str]:
 
 
 def parse_letter(text: str, letters: Sequence[str], options: Sequence[str] = ()) -> str | None:
-    """The shown letter an answer picks (rules in the module docstring), None if it cannot be read."""
+    """The shown letter an answer picks (rules in the module docstring), None if it picks none or several."""
     letters = list(letters)  # a string of letters would match substrings such as "" or "AB"
-    stripped = text.strip()
-    if stripped in letters:
-        return stripped
-    if len(stripped) >= 2 and stripped[0] in letters and stripped[1] in ". ":
-        return stripped[0]
-    words = stripped.translate(str.maketrans(_BLANKED, " " * len(_BLANKED))).split()
+    if any(phrase in text for phrase in REJECT_PHRASES):
+        return None
+    words = text.translate(_BLANK_OUT).split()
     named = [letter for letter in letters if letter in words]
-    if len(named) == 1:
+    if len(named) == 1 and words.index(named[0]) >= len(words) - _LAST_WORDS:
         return named[0]
-    lowered = stripped.lower()
-    containing = [letter for letter, option in zip(letters, options) if option and str(option).lower() in lowered]
+    if not named and "Z" in words:
+        return None
+    stated = _ANSWER_IS.search(text)
+    if stated and stated.group(1).upper() in letters:
+        return stated.group(1).upper()
+    return _letter_of_option_text(text, letters, options)
+
+
+def _letter_of_option_text(text: str, letters: Sequence[str], options: Sequence[str]) -> str | None:
+    """The one option whose text the answer contains; long answers are not searched (they quote several)."""
+    lowered = text.lower()
+    texts = [str(option) for option in options]
+    if len(lowered) > 2 * sum(len(option) for option in texts):
+        return None
+    containing = [letter for letter, option in zip(letters, texts) if option.lower() in lowered]
     return containing[0] if len(containing) == 1 else None
 
 
@@ -93,7 +128,7 @@ def round_is_correct(answer: dict[str, Any], gold_letter: str, tsv_options: Sequ
 
 def mmbench_accuracy(tsv: pd.DataFrame, answers: Sequence[dict[str, Any]],
                      source: str = "answers") -> dict[str, Any]:
-    """{"accuracy", "circular", "questions", "single_round_accuracy"} (percent) over every TSV row."""
+    """{"circular_accuracy" (None without rotations), "single_round_accuracy", "questions"} over every TSV row."""
     if "answer" not in tsv.columns:
         raise InputFileError("the TSV has no 'answer' column (a test split?): only the evaluation server scores it")
     rounds: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
@@ -130,12 +165,10 @@ def mmbench_accuracy(tsv: pd.DataFrame, answers: Sequence[dict[str, Any]],
         print(f"{source}: {incomplete} question(s) lack some rotations, counted wrong by CircularEval", file=sys.stderr)
     if not rows:
         raise InputFileError("the TSV has no questions")
-    single = 100.0 * single_correct / len(rows)
     return {
-        "accuracy": 100.0 * circular_correct / len(rows) if circular else single,
-        "circular": circular,
+        "circular_accuracy": 100.0 * circular_correct / len(rows) if circular else None,
+        "single_round_accuracy": 100.0 * single_correct / len(rows),
         "questions": len(rows),
-        "single_round_accuracy": single,
     }
 
 
@@ -143,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--annotation-file", required=True, help="mmbench_dev_20230712.tsv")
     parser.add_argument("--result-file", required=True, help="answers JSONL (with round_id/options/option_char)")
-    parser.add_argument("--metrics-json", help="also write {accuracy, circular, questions, single_round_accuracy}")
+    parser.add_argument("--metrics-json", help="also write {circular_accuracy, single_round_accuracy, questions}")
     args = parser.parse_args(argv)
     try:
         metrics = mmbench_accuracy(read_tsv(args.annotation_file), read_jsonl(args.result_file), args.result_file)
@@ -151,10 +184,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {error}")
     print(f"Questions: {metrics['questions']}")
     print(f"Accuracy (round 0): {metrics['single_round_accuracy']:.2f}%")
-    if metrics["circular"]:
-        print(f"CircularEval accuracy: {metrics['accuracy']:.2f}%")
+    if metrics["circular_accuracy"] is not None:
+        print(f"CircularEval accuracy: {metrics['circular_accuracy']:.2f}%")
     else:
-        print("No rotations in the answers (generated without --all-rounds): CircularEval not applied")
+        print("No rotations in the answers (generated without --all-rounds): no CircularEval accuracy "
+              "(the MMBench metric); the round-0 accuracy above is not it")
     if args.metrics_json:
         write_json_atomic(args.metrics_json, metrics, indent=2)
 

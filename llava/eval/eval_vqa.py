@@ -14,9 +14,17 @@ have (VQAv2 val, VizWiz val) the way those servers do:
 - a prediction is the upload's answer: ``normalize_answer(text)`` for an answers JSONL, the answer
   as written for an upload file; a question without one is scored with "" (as the converter
   uploads it);
-- per question, as the official evaluation: newlines/tabs become spaces; when the human answers
-  are not all the same, they and the prediction go through the official punctuation and
-  number/article steps; score = mean over the leave-one-out subsets of min(1, matches / 3).
+- per question, as each benchmark's official evaluation code does:
+  - VQAv2 (the VQA evaluation's ``evaluate``): newlines/tabs become spaces and the ends are
+    stripped, in the prediction and the human answers; when the human answers are then not all the
+    same, they and the prediction go through the punctuation and number/article steps, otherwise
+    all are compared as they are;
+  - VizWiz (VizWiz's ``evaluate``): the prediction is cleaned the same way and always goes through
+    those steps; the human answers are compared as written (VizWiz's copies of the contraction
+    table differ in their apostrophes; the VQA table is used);
+  and the score is the mean over the ten leave-one-out subsets of min(1, matches / 3). (VQAv2's
+  code leaves out every answer record equal to the left-out one; its records carry distinct
+  answer ids, so that is one answer, as VizWiz's index-based loop does.)
 
 Accuracy is the mean over the annotated questions (those of ``--question-file`` when given), in percent.
 """
@@ -42,14 +50,26 @@ def _clean(text: str) -> str:
     return text.replace("\n", " ").replace("\t", " ").strip()
 
 
+def _process(text: str) -> str:
+    return process_digit_article(process_punctuation(text))
+
+
 def vqa_score(prediction: str, human_answers: Sequence[str]) -> float:
-    """One question's official VQA accuracy for an uploaded (already normalised) prediction."""
+    """One VQAv2 question's official accuracy for an uploaded (already normalised) prediction."""
     prediction = _clean(prediction)
     references = [_clean(answer) for answer in human_answers]
     if len(set(references)) > 1:
-        references = [process_digit_article(process_punctuation(answer)) for answer in references]
-        prediction = process_digit_article(process_punctuation(prediction))
+        references = [_process(answer) for answer in references]
+        prediction = _process(prediction)
     return leave_one_out_accuracy(prediction, references)
+
+
+def vizwiz_score(prediction: str, human_answers: Sequence[str]) -> float:
+    """One VizWiz question's official accuracy: only the prediction is processed, never the humans' answers."""
+    return leave_one_out_accuracy(_process(_clean(prediction)), list(human_answers))
+
+
+SCORERS = {"vqav2": vqa_score, "vizwiz": vizwiz_score}
 
 
 def load_annotations(path: str | Path) -> tuple[str, dict[str, dict[str, Any]]]:
@@ -89,9 +109,19 @@ def predictions_from_upload(kind: str, upload_file: str | Path) -> dict[str, str
     return {id_key(x[key]): x["answer"] for x in data}
 
 
+def annotation_kind(annotations: dict[str, dict[str, Any]]) -> str:
+    """"vqav2" or "vizwiz": VizWiz records name their image and have no question id."""
+    first = next(iter(annotations.values()), {})
+    return "vizwiz" if "image" in first and "question_id" not in first else "vqav2"
+
+
 def vqa_accuracy(annotations: dict[str, dict[str, Any]], predictions: dict[str, str],
-                 keys: Sequence[str] | None = None) -> dict[str, Any]:
-    """{"accuracy": percent, "questions": n, "per_answer_type": {type: percent}} over ``keys``."""
+                 keys: Sequence[str] | None = None, kind: str | None = None) -> dict[str, Any]:
+    """{"accuracy": percent, "questions": n, "per_answer_type": {type: percent}} over ``keys``.
+
+    ``kind`` ("vqav2" | "vizwiz", read from the annotations when None) picks the official per-question rule.
+    """
+    score_question = SCORERS[kind or annotation_kind(annotations)]
     keys = list(annotations) if keys is None else [k for k in keys if k in annotations]
     if not keys:
         raise InputFileError("no annotated question to score: do the answers and the annotations share ids?")
@@ -107,7 +137,7 @@ def vqa_accuracy(annotations: dict[str, dict[str, Any]], predictions: dict[str, 
     scores = []
     for key in keys:
         annotation = annotations[key]
-        score = vqa_score(predictions.get(key, ""), [a["answer"] for a in annotation["answers"]])
+        score = score_question(predictions.get(key, ""), [a["answer"] for a in annotation["answers"]])
         scores.append(score)
         by_type[annotation.get("answer_type", "all")].append(score)
     return {
@@ -136,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.question_file:
                 field = "question_id" if kind == "vqav2" else "image"
                 keys = [id_key(q[field]) for q in read_questions(args.question_file)]
-        metrics = vqa_accuracy(annotations, predictions, keys)
+        metrics = vqa_accuracy(annotations, predictions, keys, kind)
     except InputFileError as error:
         sys.exit(f"error: {error}")
     print(f"Questions: {metrics['questions']}\nAccuracy: {metrics['accuracy']:.2f}%")

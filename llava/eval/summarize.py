@@ -3,31 +3,42 @@
     python -m llava.eval.summarize RESULTPATH [RESULTPATH ...]
     python -m llava.eval.summarize --record RESULTPATH/ckpt vqav2 78.6 [--source server|recorded]
     python -m llava.eval.summarize --write RESULTPATH/ckpt --method DoRA --params-percent 4.63 \
-        --metrics pope=pope.json --metrics sqa=sqa.json --score gqa=62.9 --upload vqav2=upload.json
+        --dora-magnitudes trained --metrics pope=pope.json --metrics sqa=sqa.json --score gqa=62.9 \
+        --upload vqav2=upload.json
 
 A RESULTPATH is a results.json file, a folder holding one, or a folder whose sub-folders (one per
 checkpoint) hold one; each results.json is one row. ``--write`` (what the eval script calls, also
 ``write_results``) merges into a folder's results.json: ``--metrics BENCH=FILE`` takes the paper's
 figure from a scorer's ``--metrics-json`` file, ``--score BENCH=X`` a figure computed elsewhere,
-``--upload BENCH=FILE`` the file to submit to an evaluation server. ``--record`` stores the score a
-server returned. Every write is atomic.
+``--upload BENCH=FILE`` the file to submit to an evaluation server, ``--dora-magnitudes`` how a DoRA
+checkpoint's magnitudes were loaded. ``--record`` stores the score a server returned. Every write
+is atomic.
 
 results.json::
 
     {
       "method": "DoRA",                 # the row's name (default: the folder's name)
       "params_percent": 4.63,           # trainable parameters, % of the model; null if unknown
+      "dora_magnitudes": "trained",     # DoRA only: "trained" | "weight_norm"; null (or absent) otherwise
       "benchmarks": {                   # any of: vqav2 gqa vizwiz sqa textvqa pope mmbench
         "gqa":   {"score": 62.9, "source": "local",  "upload": null},
-        "vqav2": {"score": null, "source": "server", "upload": "/abs/path/answers_upload/....json"}
+        "vqav2": {"score": null, "source": "server", "upload": "/abs/path/answers_upload/....json"},
+        "mmbench": {"score": null, "source": "server", "upload": "/abs/path/....xlsx",
+                    "single_round_accuracy": 71.2}
       }
     }
 
 score: the paper's figure in percent (VQAv2 / VizWiz / TextVQA / GQA accuracy, ScienceQA
-IMG-accuracy, POPE mean F1 of its categories x100, MMBench accuracy) or null; source: "local"
-(computed here by a scorer), "server" (returned by an evaluation server and recorded), or
-"recorded" (typed in from elsewhere, e.g. a paper); upload: the file to submit, or null. A
-missing score shows "-"; where an upload exists, a footnote says what to submit and how to record
+IMG-accuracy, POPE mean F1 of its categories x100, MMBench CircularEval accuracy) or null; source:
+"local" (computed here by a scorer), "server" (returned by an evaluation server and recorded), or
+"recorded" (typed in from elsewhere, e.g. a paper); upload: the file to submit, or null.
+MMBench answers without rotations have no CircularEval figure: their entry keeps score null and
+the round-0 accuracy as ``single_round_accuracy``, shown as "(71.2 1-round)", outside Avg. (An
+MMBench score written before that field existed is read as the score, as it was.)
+dora_magnitudes: "trained" (the checkpoint's magnitudes) or "weight_norm" (m = ||W0||, as the
+seed's loader evaluated the paper's DoRA row); the table's Method cell says which.
+
+A missing score shows "-"; where an upload exists, a footnote says what to submit and how to record
 the result. Avg is the mean of the scores present, marked when some are missing.
 """
 
@@ -48,7 +59,17 @@ BENCHMARKS = (
 )
 ALIASES = {"viswiz": "vizwiz", "scienceqa": "sqa", "vqat": "textvqa", "t-vqa": "textvqa", "mmbench_dev": "mmbench"}
 SOURCES = ("local", "server", "recorded")
+DORA_MAGNITUDES = ("trained", "weight_norm")
+ENTRY_FIELDS = ("score", "source", "upload", "single_round_accuracy")
 RESULTS_NAME = "results.json"
+# What the Method cell adds for each DoRA magnitude mode ("|" escaped: the cell is in a Markdown table).
+MAGNITUDE_LABELS = {"trained": "trained m", "weight_norm": "m = \\|\\|W0\\|\\|"}
+WEIGHT_NORM_NOTE = ("m = ||W0||: magnitudes set to the base weights' row norms, as the seed's loader evaluated "
+                    "the paper's DoRA row.")
+SINGLE_ROUND_NOTE = (
+    "(X 1-round): MMBench single-round accuracy (each question asked once, options in their original order), "
+    "not CircularEval, the paper's MMBench metric; not in Avg. For CircularEval run 7B_eval_dora.sh with "
+    "MMBENCH_ALL_ROUNDS=1, or submit the MMBench upload to the evaluation server and record its score.")
 
 
 def benchmark_key(name: str) -> str:
@@ -60,17 +81,37 @@ def benchmark_key(name: str) -> str:
 
 
 def paper_score(benchmark: str, metrics: Mapping[str, Any]) -> float:
-    """The paper's figure from a scorer's --metrics-json content."""
+    """The paper's figure from a scorer's --metrics-json content (MMBench: CircularEval only)."""
     key = benchmark_key(benchmark)
     if key == "pope":
         f1s = [category["f1"] for category in metrics.values()]
         if not f1s:
             raise ValueError("POPE metrics have no category")
         return 100.0 * sum(f1s) / len(f1s)
-    field = "img_accuracy" if key == "sqa" else "accuracy"
+    field = {"sqa": "img_accuracy", "mmbench": "circular_accuracy"}.get(key, "accuracy")
     if metrics.get(field) is None:
-        raise ValueError(f"{key} metrics have no {field!r}")
+        raise ValueError(f"{key} metrics have no {field!r}" + (
+            " (answers without rotations: only single_round_accuracy, which is not the MMBench score)"
+            if key == "mmbench" else ""))
     return float(metrics[field])
+
+
+def metrics_fields(benchmark: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The results.json entry fields a scorer's --metrics-json content sets.
+
+    MMBench metrics without rotations set only ``single_round_accuracy``: that figure is not the
+    paper's MMBench score, which stays as it was (see ``write_results``).
+    """
+    key = benchmark_key(benchmark)
+    if key != "mmbench":
+        return {"score": paper_score(key, metrics), "source": "local"}
+    single = metrics.get("single_round_accuracy")
+    fields = {} if single is None else {"single_round_accuracy": float(single)}
+    if metrics.get("circular_accuracy") is not None:
+        fields.update(score=paper_score(key, metrics), source="local")
+    elif not fields:
+        raise ValueError("mmbench metrics have neither 'circular_accuracy' nor 'single_round_accuracy'")
+    return fields
 
 
 def results_file(path: str | Path) -> Path:
@@ -79,53 +120,82 @@ def results_file(path: str | Path) -> Path:
     return path if path.suffix == ".json" else path / RESULTS_NAME
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _checked_entry(path: Path, name: str, entry: Any) -> dict[str, Any]:
+    if not isinstance(entry, dict):
+        raise InputFileError(f"{path}: benchmarks.{name} must be {{'score', 'source', 'upload'}}")
+    for field in ("score", "single_round_accuracy"):
+        value = entry.get(field)
+        if value is not None and not _is_number(value):
+            raise InputFileError(f"{path}: benchmarks.{name}.{field} must be a number or null, not {value!r}")
+    return entry
+
+
 def load_results(path: str | Path) -> dict[str, Any]:
     """A results.json, checked against the schema (errors name the file)."""
     path = results_file(path)
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks", {}), dict):
         raise InputFileError(f"{path}: expected {{'method', 'params_percent', 'benchmarks': {{...}}}}")
-    data["method"] = data.get("method") or path.parent.name
-    data.setdefault("params_percent", None)
-    data.setdefault("benchmarks", {})
+    magnitudes = data.get("dora_magnitudes")
+    if magnitudes is not None and magnitudes not in DORA_MAGNITUDES:
+        raise InputFileError(f"{path}: dora_magnitudes must be one of {', '.join(DORA_MAGNITUDES)} or null, "
+                             f"not {magnitudes!r}")
     benchmarks = {}
-    for name, entry in data["benchmarks"].items():
+    for name, entry in data.get("benchmarks", {}).items():
         try:
             key = benchmark_key(name)
         except ValueError as error:
             raise InputFileError(f"{path}: {error}") from None
-        if not isinstance(entry, dict):
-            raise InputFileError(f"{path}: benchmarks.{name} must be {{'score', 'source', 'upload'}}")
-        score = entry.get("score")
-        if score is not None and (not isinstance(score, (int, float)) or isinstance(score, bool)):
-            raise InputFileError(f"{path}: benchmarks.{name}.score must be a number or null, not {score!r}")
-        benchmarks[key] = entry
-    data["benchmarks"] = benchmarks
-    return data
+        benchmarks[key] = _checked_entry(path, name, entry)
+    known = {"method", "params_percent", "dora_magnitudes", "benchmarks"}
+    return {"method": data.get("method") or path.parent.name, "params_percent": data.get("params_percent"),
+            "dora_magnitudes": magnitudes, "benchmarks": benchmarks,
+            **{k: v for k, v in data.items() if k not in known}}
+
+
+def _merge_entry(benchmarks: dict[str, dict[str, Any]], key: str, fields: Mapping[str, Any]) -> None:
+    """Merge one benchmark's fields; a single-round MMBench figure replaces a local score, never a server's."""
+    unknown = set(fields) - set(ENTRY_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown field(s) {sorted(unknown)} for {key}; use {', '.join(ENTRY_FIELDS)}")
+    if "single_round_accuracy" in fields and key != "mmbench":
+        raise ValueError(f"single_round_accuracy is an MMBench field, not one of {key}")
+    if fields.get("source", "local") not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, not {fields['source']!r}")
+    default_source = "server" if "upload" in fields and "score" not in fields else "local"
+    entry = benchmarks.setdefault(key, {"score": None, "source": default_source, "upload": None})
+    if "single_round_accuracy" in fields and "score" not in fields and entry.get("source") == "local":
+        entry["score"] = None  # an earlier local MMBench figure; this run has no CircularEval one
+    entry.update(fields)
+    for field in ("score", "single_round_accuracy"):
+        if entry.get(field) is not None:
+            entry[field] = float(entry[field])
 
 
 def write_results(path: str | Path, method: str | None = None, params_percent: float | None = None,
-                  benchmarks: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
-    """Merge into ``path``'s results.json (created if absent): only the fields given change."""
+                  benchmarks: Mapping[str, Mapping[str, Any]] | None = None,
+                  dora_magnitudes: str | None = None) -> Path:
+    """Merge into ``path``'s results.json (created if absent): only the fields given change.
+
+    ``dora_magnitudes`` ("trained" | "weight_norm") says how a DoRA checkpoint's magnitudes were loaded.
+    """
+    if dora_magnitudes is not None and dora_magnitudes not in DORA_MAGNITUDES:
+        raise ValueError(f"dora_magnitudes must be one of {', '.join(DORA_MAGNITUDES)}, not {dora_magnitudes!r}")
     target = results_file(path)
     data = load_results(target) if target.exists() else {
-        "method": target.parent.name, "params_percent": None, "benchmarks": {}}
+        "method": target.parent.name, "params_percent": None, "dora_magnitudes": None, "benchmarks": {}}
     if method is not None:
         data["method"] = method
     if params_percent is not None:
         data["params_percent"] = float(params_percent)
+    if dora_magnitudes is not None:
+        data["dora_magnitudes"] = dora_magnitudes
     for name, fields in (benchmarks or {}).items():
-        unknown = set(fields) - {"score", "source", "upload"}
-        if unknown:
-            raise ValueError(f"unknown field(s) {sorted(unknown)} for {name}; use score, source, upload")
-        if fields.get("source", "local") not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}, not {fields['source']!r}")
-        default_source = "server" if "upload" in fields and "score" not in fields else "local"
-        entry = data["benchmarks"].setdefault(benchmark_key(name),
-                                              {"score": None, "source": default_source, "upload": None})
-        entry.update(fields)
-        if entry.get("score") is not None:
-            entry["score"] = float(entry["score"])
+        _merge_entry(data["benchmarks"], benchmark_key(name), fields)
     data["benchmarks"] = {k: data["benchmarks"][k] for k, _ in BENCHMARKS if k in data["benchmarks"]}
     write_json_atomic(target, data, indent=2)
     return target
@@ -157,6 +227,46 @@ def _format_number(value: float) -> str:
     return f"{value:.1f}"
 
 
+def _method_cell(row: Mapping[str, Any]) -> str:
+    label = MAGNITUDE_LABELS.get(row.get("dora_magnitudes"))
+    return row["method"] if label is None else f"{row['method']} ({label})"
+
+
+def _score(row: Mapping[str, Any], key: str) -> float | None:
+    score = (row.get("benchmarks", {}).get(key) or {}).get("score")
+    return score if score is not None and math.isfinite(score) else None
+
+
+def _single_round_only(row: Mapping[str, Any]) -> float | None:
+    """The MMBench single-round accuracy of a row that has no MMBench score, else None."""
+    entry = row.get("benchmarks", {}).get("mmbench") or {}
+    return entry.get("single_round_accuracy") if _score(row, "mmbench") is None else None
+
+
+def _benchmark_cell(row: Mapping[str, Any], key: str, title: str, folder: str, footnotes: list[str]) -> str:
+    """A score's cell; where the score is missing, appends the footnote that says what to submit."""
+    entry = row.get("benchmarks", {}).get(key) or {}
+    score = _score(row, key)
+    if score is not None:
+        return _format_number(score)
+    single = _single_round_only(row) if key == "mmbench" else None
+    cell = "-" if single is None else f"({_format_number(single)} 1-round)"
+    if entry.get("upload"):
+        footnotes.append(f"[{len(footnotes) + 1}] {row['method']}, {title}: submit {entry['upload']} to the "
+                         f"evaluation server, then record its score: python -m llava.eval.summarize --record "
+                         f"{folder} {key} SCORE")
+        cell += f" [{len(footnotes)}]"
+    return cell
+
+
+def _average_cell(scores: Sequence[float]) -> tuple[str, bool]:
+    """(cell, partial): the mean of the scores present, starred when some benchmark has none."""
+    if not scores:
+        return "-", False
+    partial = len(scores) < len(BENCHMARKS)
+    return _format_number(sum(scores) / len(scores)) + ("*" if partial else ""), partial
+
+
 def render_table(rows: Sequence[Mapping[str, Any]], folders: Sequence[str] | None = None) -> str:
     """The paper's Markdown table for results.json contents, with footnotes for what is missing.
 
@@ -165,36 +275,24 @@ def render_table(rows: Sequence[Mapping[str, Any]], folders: Sequence[str] | Non
     titles = [title for _, title in BENCHMARKS]
     lines = ["| Method | # Params (%) | " + " | ".join(titles) + " | Avg |", "|---" * (len(titles) + 3) + "|"]
     footnotes: list[str] = []
-    partial_average = False
+    partial_average = single_round = weight_norm = False
     for number, row in enumerate(rows):
         folder = folders[number] if folders else "RESULTDIR"
-        cells, scores = [], []
-        for key, title in BENCHMARKS:
-            entry = row.get("benchmarks", {}).get(key) or {}
-            score = entry.get("score")
-            if score is not None and math.isfinite(score):
-                cells.append(_format_number(score))
-                scores.append(score)
-            elif entry.get("upload"):
-                footnotes.append(f"[{len(footnotes) + 1}] {row['method']}, {title}: submit {entry['upload']} to the "
-                                 f"evaluation server, then record its score: python -m llava.eval.summarize --record "
-                                 f"{folder} {key} SCORE")
-                cells.append(f"- [{len(footnotes)}]")
-            else:
-                cells.append("-")
-        if not scores:
-            average = "-"
-        elif len(scores) < len(BENCHMARKS):
-            average = _format_number(sum(scores) / len(scores)) + "*"
-            partial_average = True
-        else:
-            average = _format_number(sum(scores) / len(scores))
+        cells = [_benchmark_cell(row, key, title, folder, footnotes) for key, title in BENCHMARKS]
+        average, partial = _average_cell([s for s in (_score(row, key) for key, _ in BENCHMARKS) if s is not None])
+        single_round |= _single_round_only(row) is not None
+        partial_average |= partial
+        weight_norm |= row.get("dora_magnitudes") == "weight_norm"
         params = row.get("params_percent")
         params_cell = "-" if params is None else f"{params:g}"
-        lines.append(f"| {row['method']} | {params_cell} | " + " | ".join(cells) + f" | {average} |")
+        lines.append(f"| {_method_cell(row)} | {params_cell} | " + " | ".join(cells) + f" | {average} |")
     notes = []
     if partial_average:
         notes.append(f"* Avg over the benchmarks with a score only, not all {len(BENCHMARKS)}.")
+    if single_round:
+        notes.append(SINGLE_ROUND_NOTE)
+    if weight_norm:
+        notes.append(WEIGHT_NORM_NOTE)
     notes.extend(footnotes)
     return "\n".join(lines + ([""] + notes if notes else []))
 
@@ -212,12 +310,12 @@ def _pairs(values: list[str] | None, what: str) -> list[tuple[str, str]]:
 def _write_from_args(args: argparse.Namespace) -> Path:
     benchmarks: dict[str, dict[str, Any]] = {}
     for key, file in _pairs(args.metrics, "--metrics"):
-        benchmarks.setdefault(key, {}).update(score=paper_score(key, read_json(file)), source="local")
+        benchmarks.setdefault(key, {}).update(metrics_fields(key, read_json(file)))
     for key, value in _pairs(args.score, "--score"):
         benchmarks.setdefault(key, {}).update(score=float(value), source="local")
     for key, file in _pairs(args.upload, "--upload"):
         benchmarks.setdefault(key, {})["upload"] = file
-    return write_results(args.write, args.method, args.params_percent, benchmarks)
+    return write_results(args.write, args.method, args.params_percent, benchmarks, args.dora_magnitudes)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -228,6 +326,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write", metavar="DIR", help="merge the options below into DIR/results.json")
     parser.add_argument("--method", help="with --write: the row's name")
     parser.add_argument("--params-percent", type=float, help="with --write: trainable parameters, percent")
+    parser.add_argument("--dora-magnitudes", choices=DORA_MAGNITUDES,
+                        help="with --write: a DoRA checkpoint's magnitudes as evaluated: trained, or weight_norm "
+                             "(m = ||W0||, as the seed's loader did)")
     parser.add_argument("--metrics", action="append", metavar="BENCH=FILE", help="with --write: a scorer's JSON")
     parser.add_argument("--score", action="append", metavar="BENCH=X", help="with --write: a local score")
     parser.add_argument("--upload", action="append", metavar="BENCH=FILE", help="with --write: a file to submit")
