@@ -162,6 +162,8 @@ def test_7b_eval_dora_sh_evaluates_both_modes_into_labelled_rows(checkpoint, tmp
 
     llava_dir, seed_dir, _ = checkpoint
     eval_dir = generate(tmp_path / "data", seed=0, n_train=200, n_eval=3)["eval"]
+    for skipped in ("vqav2", "vizwiz", "scienceqa", "textvqa"):  # the demo's test runs all seven; three suffice here
+        shutil.rmtree(eval_dir / skipped)
     official = eval_dir / "gqa" / "data" / "eval"
     official.mkdir()
     # A stand-in for GQA's official eval.py: it reads its inputs from the folder it runs in, as the real one.
@@ -187,15 +189,15 @@ def test_7b_eval_dora_sh_evaluates_both_modes_into_labelled_rows(checkpoint, tmp
 
     table = subprocess.run([os.sys.executable, "-m", "llava.eval.summarize", str(results)], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout
-    rows = [line for line in table.splitlines() if line.startswith("| dora")]
-    assert len(rows) == 2, table
-    assert "trained" in rows[1] and "||W0||" in rows[0], table  # folders sort: dora-seed-loader, dora-trained
+    methods = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| dora")]
+    assert methods == [r"| dora-seed-loader (m = \|\|W0\|\|)", "| dora-trained (trained m)"], table
+    assert "m = ||W0||: magnitudes set to the base weights' row norms" in table
 
     def answers(row: str, bench: str) -> list[str]:
         path = next((results / bench / "answers").rglob(f"{row}/merge.jsonl"))
         return [json.loads(line)["text"] for line in path.read_text().splitlines()]
 
-    benches = ("vqav2", "gqa", "vizwiz", "scienceqa", "textvqa", "pope", "mmbench")
+    benches = ("gqa", "pope", "mmbench")
     assert any(answers("dora-trained", b) != answers("dora-seed-loader", b) for b in benches)
     rounds = [json.loads(line).get("round_id") for line in
               next((results / "mmbench" / "answers").rglob("dora-trained/merge.jsonl")).read_text().splitlines()]

@@ -502,8 +502,8 @@ def score_mmbench(eval_dir: Path, tmp_path: Path, right: bool) -> float:
     upload = pd.read_excel(tmp_path / "upload" / "mmbench.xlsx")
     assert len(upload) == len(table) and list(upload.columns)[6] == "prediction"
     metrics = mmbench_accuracy(read_tsv(tsv_path), read_jsonl(answers))
-    assert metrics["circular"]
-    return metrics["accuracy"]
+    assert metrics["circular_accuracy"] is not None
+    return metrics["circular_accuracy"]
 
 
 SCORERS = {"vqav2": score_vqav2, "gqa": score_gqa, "vizwiz": score_vizwiz, "scienceqa": score_scienceqa,
