@@ -18,6 +18,7 @@ from torch import nn
 
 from llava import conversation as conversation_lib
 from llava.model import LlavaLlamaForCausalLM
+from llava.train.count_params import count_parameters
 from llava.train.data import DataArguments, make_supervised_data_module, preprocess  # noqa: F401  (seed's public name)
 from llava.train.llava_trainer import LLaVATrainer
 
@@ -136,17 +137,16 @@ def build_adapter_config(model: nn.Module, args: TrainingArguments):
 
 
 def record_trainable_parameters(model: nn.Module, args: TrainingArguments) -> None:
-    """Log the trainable share and keep it beside the outputs: the table's "# Params (%)" column."""
-    # As the paper counts: the frozen vision tower is not part of the total (full finetuning = 100%).
-    named = [(n, p) for n, p in model.named_parameters() if "vision_tower" not in n]
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for _, p in named if p.requires_grad)
-    total = sum(getattr(p, "ds_numel", p.numel()) for _, p in named)
-    percent = 100 * trainable / max(total, 1)
-    logger.info("Trainable parameters: %d of %d (%.2f%%)", trainable, total, percent)
+    """Log the trainable share and keep it beside the outputs: the table's "# Params (%)" column.
+
+    Counted over the assembled model, vision tower included, as the paper did (``count_params``).
+    """
+    count = count_parameters(model)
+    logger.info("# Params: %s", count.describe())
     if args.should_save:
         os.makedirs(args.output_dir, exist_ok=True)
-        record = {"trainable": trainable, "total": total, "percent": round(percent, 2)}
-        pathlib.Path(args.output_dir, "trainable_parameters.json").write_text(json.dumps(record) + "\n")
+        record = json.dumps(count.record()) + "\n"
+        pathlib.Path(args.output_dir, "trainable_parameters.json").write_text(record)
 
 
 def latest_complete_checkpoint(output_dir: str) -> str | None:
@@ -164,13 +164,90 @@ def latest_complete_checkpoint(output_dir: str) -> str | None:
     return str(max(complete)[1]) if complete else None
 
 
+def compute_dtype_of(args: TrainingArguments) -> torch.dtype:
+    return torch.float16 if args.fp16 else (torch.bfloat16 if args.bf16 else torch.float32)
+
+
+def prepare_language_model(
+    model: nn.Module, model_args: ModelArguments, training_args: TrainingArguments, compute_dtype: torch.dtype
+) -> nn.Module:
+    """The language model's freezing rules and adapter; returns the model to train.
+
+    Shared with ``count_params`` so that the count and the training decide trainability alike.
+    The adapter goes on before the vision tower exists, so CLIP's q/k/v_proj are never targets.
+    """
+    model.config.use_cache = False
+    if model_args.freeze_backbone:
+        model.model.requires_grad_(False)
+    if training_args.bits in (4, 8):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
+    if training_args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    if not training_args.lora_enable:
+        return model
+
+    from peft import get_peft_model
+
+    adapter_config = build_adapter_config(model, training_args)
+    if training_args.bits == 16 and compute_dtype != torch.float32:
+        model.to(compute_dtype)
+    logger.info("Adding %s adapters (r=%d, alpha=%d) to %s", "DoRA" if training_args.use_dora else "LoRA",
+                training_args.lora_r, training_args.lora_alpha, adapter_config.target_modules)
+    return get_peft_model(model, adapter_config)
+
+
+def configure_tokenizer(model: nn.Module, tokenizer, model_args: ModelArguments, mean_resizing: bool = True) -> None:
+    """Padding token and conversation template; ``v0`` adds a [PAD] row to the embeddings if needed.
+
+    ``mean_resizing`` only chooses the new row's initial values (``count_params`` has none to average).
+    """
+    if model_args.version == "v0":
+        if tokenizer.pad_token is None:
+            tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=mean_resizing)
+        return
+    tokenizer.pad_token = tokenizer.unk_token
+    if model_args.version not in conversation_lib.conv_templates:
+        raise ValueError(f"--version {model_args.version!r} is not a conversation template: "
+                         f"{sorted(conversation_lib.conv_templates)}")
+    conversation_lib.default_conversation = conversation_lib.conv_templates[model_args.version]
+
+
+def attach_vision_modules(
+    model: nn.Module,
+    model_args: ModelArguments,
+    training_args: TrainingArguments,
+    compute_dtype: torch.dtype,
+    device: torch.device | str,
+):
+    """Vision tower (always frozen) and projector, with the stage's rules for what trains.
+
+    Stage 1 (``--tune_mm_mlp_adapter``) trains the projector alone; ``--freeze_mm_mlp_adapter`` freezes it.
+    Shared with ``count_params``; returns the vision tower.
+    """
+    model.get_model().initialize_vision_modules(model_args=model_args)
+    vision_tower = model.get_vision_tower()
+    vision_tower.to(dtype=compute_dtype, device=device)
+    projector = model.get_model().mm_projector
+    if model_args.tune_mm_mlp_adapter:
+        model.requires_grad_(False)
+        projector.requires_grad_(True)
+    if training_args.freeze_mm_mlp_adapter:
+        projector.requires_grad_(False)
+    if training_args.bits in (4, 8):
+        projector.to(dtype=compute_dtype, device=device)
+    return vision_tower
+
+
 def train(attn_implementation: str | None = None) -> None:
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING, format="%(message)s")
     # Seed before the adapters are initialised so that a rerun (or a resumed run) is the same run.
     transformers.set_seed(training_args.seed)
-    compute_dtype = torch.float16 if training_args.fp16 else (torch.bfloat16 if training_args.bf16 else torch.float32)
+    compute_dtype = compute_dtype_of(training_args)
 
     load_kwargs = {}
     if training_args.bits in (4, 8):
@@ -192,25 +269,7 @@ def train(attn_implementation: str | None = None) -> None:
         torch_dtype=compute_dtype if training_args.bf16 or training_args.fp16 else None,
         **load_kwargs,
     )
-    model.config.use_cache = False
-    if model_args.freeze_backbone:
-        model.model.requires_grad_(False)
-    if training_args.bits in (4, 8):
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
-    if training_args.gradient_checkpointing:
-        model.enable_input_require_grads()
-
-    if training_args.lora_enable:
-        from peft import get_peft_model
-
-        adapter_config = build_adapter_config(model, training_args)
-        if training_args.bits == 16 and compute_dtype != torch.float32:
-            model.to(compute_dtype)
-        logger.info("Adding %s adapters (r=%d, alpha=%d) to %s", "DoRA" if training_args.use_dora else "LoRA",
-                    training_args.lora_r, training_args.lora_alpha, adapter_config.target_modules)
-        model = get_peft_model(model, adapter_config)
+    model = prepare_language_model(model, model_args, training_args, compute_dtype)
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         model_args.model_name_or_path,
@@ -218,21 +277,10 @@ def train(attn_implementation: str | None = None) -> None:
         model_max_length=training_args.model_max_length,
         padding_side="right",
     )
-    if model_args.version == "v0":
-        if tokenizer.pad_token is None:
-            tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-            model.resize_token_embeddings(len(tokenizer))
-    else:
-        tokenizer.pad_token = tokenizer.unk_token
-        if model_args.version not in conversation_lib.conv_templates:
-            raise ValueError(f"--version {model_args.version!r} is not a conversation template: "
-                             f"{sorted(conversation_lib.conv_templates)}")
-        conversation_lib.default_conversation = conversation_lib.conv_templates[model_args.version]
+    configure_tokenizer(model, tokenizer, model_args)
 
     if model_args.vision_tower is not None:
-        model.get_model().initialize_vision_modules(model_args=model_args)
-        vision_tower = model.get_vision_tower()
-        vision_tower.to(dtype=compute_dtype, device=training_args.device)
+        vision_tower = attach_vision_modules(model, model_args, training_args, compute_dtype, training_args.device)
         data_args.image_processor = vision_tower.image_processor
         data_args.is_multimodal = True
         config = model.config
@@ -240,14 +288,7 @@ def train(attn_implementation: str | None = None) -> None:
         config.tokenizer_padding_side = tokenizer.padding_side
         config.tokenizer_model_max_length = tokenizer.model_max_length
         config.tune_mm_mlp_adapter = training_args.tune_mm_mlp_adapter = model_args.tune_mm_mlp_adapter
-        if model_args.tune_mm_mlp_adapter:
-            model.requires_grad_(False)
-            model.get_model().mm_projector.requires_grad_(True)
         config.freeze_mm_mlp_adapter = training_args.freeze_mm_mlp_adapter
-        if training_args.freeze_mm_mlp_adapter:
-            model.get_model().mm_projector.requires_grad_(False)
-        if training_args.bits in (4, 8):
-            model.get_model().mm_projector.to(dtype=compute_dtype, device=training_args.device)
         config.mm_use_im_start_end = data_args.mm_use_im_start_end = model_args.mm_use_im_start_end
         config.mm_projector_lr = training_args.mm_projector_lr
         config.mm_use_im_patch_token = model_args.mm_use_im_patch_token

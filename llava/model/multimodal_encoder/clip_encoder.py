@@ -26,10 +26,18 @@ class CLIPVisionTower(nn.Module):
             self.cfg_only = CLIPVisionConfig.from_pretrained(self.vision_tower_name)
 
     def load_model(self, device_map=None) -> None:
+        """Load the image processor and the frozen tower.
+
+        Under ``torch.device("meta")`` (``llava.train.count_params``) the tower is built from its
+        config alone: meta tensors hold no values, so no weights are read and none need to exist.
+        """
         if self.is_loaded:
             return
         self.image_processor = CLIPImageProcessor.from_pretrained(self.vision_tower_name)
-        self.vision_tower = CLIPVisionModel.from_pretrained(self.vision_tower_name, device_map=device_map)
+        if torch.get_default_device().type == "meta":
+            self.vision_tower = CLIPVisionModel(CLIPVisionConfig.from_pretrained(self.vision_tower_name))
+        else:
+            self.vision_tower = CLIPVisionModel.from_pretrained(self.vision_tower_name, device_map=device_map)
         self.vision_tower.requires_grad_(False)
         self.is_loaded = True
 
