@@ -144,7 +144,7 @@ def test_7b_recipe_counts_from_configs_alone(counts_7b, recipe):
 def test_percent_is_cut_to_two_decimals_not_rounded():
     assert ParameterCount(340_795_392, 7_382_718_464).percent == 4.61  # 4.6161 %: rounding would agree
     assert ParameterCount(4_619, 100_000).percent == 4.61  # 4.619 %: rounding would give 4.62
-    assert ParameterCount(463, 10_000).percent == 4.63  # exactly 4.63 %, though 4.63 * 100 < 463 in floats
+    assert ParameterCount(23, 1_000).percent == 2.3  # exactly 2.3 %, though 100 * 23 / 1000 * 100 < 230 in floats
     assert ParameterCount(5, 5).percent == 100.0
 
 

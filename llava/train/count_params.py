@@ -47,7 +47,7 @@ class ParameterCount:
         """The paper's figure: the percentage cut (truncated, not rounded) to two decimals.
 
         Only truncation turns LoRA's 4.6161 % into the paper's 4.61 (DoRA: 4.6337 % into 4.63).
-        Integer arithmetic: in floats a share exactly on a cut (463 of 10,000) would come out as 4.62.
+        Integer arithmetic: in floats a share exactly on a cut (23 of 1,000, 2.3 %) would come out as 2.29.
         """
         return (10_000 * self.trainable // self.total) / 100
 
