@@ -143,7 +143,7 @@ def test_weights_load_straight_onto_the_device(checkpoint, monkeypatch):
 
 
 def run_eval(name: str, ckpt: Path, eval_dir: Path, results: Path, llava_dir: Path, magnitudes: str | None):
-    env = {**os.environ, "MODEL_BASE": str(llava_dir), "CUDA_VISIBLE_DEVICES": "", "BATCH_SIZE": "4",
+    env = {**os.environ, "MODEL_BASE": str(llava_dir), "CUDA_VISIBLE_DEVICES": "", "BATCH_SIZE": "16",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("DORA_MAGNITUDES", None)
     if magnitudes is not None:
