@@ -14,9 +14,11 @@
 # BATCH_SIZE (16), DORA_MAGNITUDES (trained: the magnitudes training produced; weight_norm:
 # m = ||W0|| for every DoRA layer, as the seed's loader evaluated the paper's published DoRA row),
 # MMBENCH_ALL_ROUNDS (1: every rotation of the options is asked, for CircularEval, the paper's
-# metric; 0: one round, which the table marks as single-round), PYTHON (.venv/bin/python when
-# present). One answers chunk runs per visible GPU; a rerun skips the questions already answered.
-# Benchmarks whose data is absent are skipped.
+# metric; 0: one round, which the table marks as single-round), FRESH (1: move answers already in
+# RESULTPATH aside and answer again; without it a rerun skips the questions already answered, and
+# answers made by another checkpoint or magnitude mode stop the run), MM_PROJECTOR (a projector file
+# to use instead of the checkpoint's), PYTHON (.venv/bin/python when present). One answers chunk
+# runs per visible GPU. Benchmarks whose data is absent are skipped.
 set -uo pipefail
 
 if [ $# -ne 5 ]; then
@@ -30,6 +32,8 @@ RESULTPATH=$4
 BASEPATH=$5
 cd "$BASEPATH" || { echo "BASEPATH $BASEPATH does not exist" >&2; exit 2; }
 [ -e "$CKPT_PATH" ] || { echo "CKPT_PATH $CKPT_PATH does not exist" >&2; exit 2; }
+[ -d "$CKPT_PATH" ] && [ ! -f "$CKPT_PATH/config.json" ] && {
+  echo "CKPT_PATH $CKPT_PATH has no config.json: give a checkpoint folder as training writes it (see README.md)" >&2; exit 2; }
 [ -d "$EVALPATH" ] || { echo "EVALPATH $EVALPATH is not a folder: give the evaluation data (see README.md, Evaluation data)" >&2; exit 2; }
 
 MODEL_BASE=${MODEL_BASE-lmsys/vicuna-7b-v1.5}
@@ -53,6 +57,8 @@ if ! compgen -G "$CKPT_PATH/model*.safetensors" >/dev/null && ! compgen -G "$CKP
   MODEL_ARGS+=(--model-base "$MODEL_BASE")
 fi
 GEN_ARGS=(--temperature 0 --conv-mode "$CONV_MODE" --batch-size "$BATCH_SIZE" --dora-magnitudes "$DORA_MAGNITUDES")
+[ "${FRESH:-0}" = 1 ] && GEN_ARGS+=(--fresh)
+[ -n "${MM_PROJECTOR:-}" ] && GEN_ARGS+=(--mm-projector "$MM_PROJECTOR")
 
 failed=()
 SUMMARY=(--write "$RESULTPATH/$CKPT" --method "$CKPT")

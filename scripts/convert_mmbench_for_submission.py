@@ -7,7 +7,8 @@ reads <result-dir>/<experiment>.jsonl and writes <upload-dir>/<experiment>.xlsx:
 hint, category, source, image, comment and l2-category columns, with a "prediction" column (the raw
 answer text) inserted as the 7th column, one row per TSV index. Only round 0 answers are used
 (``--all-rounds`` runs also hold rotated rounds, which the server builds itself); questions without an
-answer keep an empty prediction and are reported.
+answer keep an empty prediction and are reported. Control characters, which a spreadsheet cannot hold,
+are removed from the predictions (the local score reads the same cleaned text).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from llava.eval.eval_mmbench import read_tsv
+from llava.eval.eval_mmbench import clean_prediction, read_tsv
 from llava.eval.jsonl import InputFileError, id_key, read_jsonl, replacing
 
 DROPPED_COLUMNS = ["hint", "category", "source", "image", "comment", "l2-category"]
@@ -37,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def upload_frame(tsv: pd.DataFrame, answers: list[dict[str, Any]]) -> pd.DataFrame:
     """The upload table: TSV minus the dropped columns, with the round-0 predictions as 7th column."""
-    predictions = {id_key(a["question_id"]): a["text"] for a in answers if int(a.get("round_id", 0)) == 0}
+    predictions = {
+        id_key(a["question_id"]): clean_prediction(a["text"]) for a in answers if int(a.get("round_id", 0)) == 0
+    }
     indices = [id_key(index) for index in tsv["index"]]
     unknown = set(predictions) - set(indices)
     if unknown:

@@ -11,11 +11,11 @@ in float32 for an exact merge; the merged ``LlavaLlamaForCausalLM`` and its toke
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
 import torch
+from transformers import PretrainedConfig
 
 from llava.mm_utils import get_model_name_from_path
 from llava.model.builder import load_pretrained_model
@@ -38,11 +38,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def base_dtype(model_base: str) -> torch.dtype:
-    """The dtype the base model was saved in (its config's ``dtype``, ``torch_dtype`` before transformers 5)."""
-    config = json.loads((Path(model_base) / "config.json").read_text())
+    """The dtype the base model was saved in (its config's ``dtype``, ``torch_dtype`` before transformers 5).
+
+    ``model_base`` is a local folder or a hub id (read from the hub's cache, or downloaded).
+    """
+    config, _ = PretrainedConfig.get_config_dict(model_base)
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     if name not in DTYPES:
-        raise ValueError(f"{model_base}/config.json records dtype {name!r}; pass --dtype explicitly.")
+        raise ValueError(f"{model_base}: its config.json records dtype {name!r}; pass --dtype explicitly.")
     return DTYPES[name]
 
 

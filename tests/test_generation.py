@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -226,6 +227,31 @@ def test_resume_refuses_an_answers_file_for_other_prompts(tmp_path):
     answers.write_text(json.dumps({"question_id": 1, "prompt": "old prompt", "text": "x"}) + "\n")
     with pytest.raises(ValueError, match="answers question 1 for another prompt"):
         answers_file.pending_requests([gen.Request(1, "p", "new prompt")], answers_file.read_answered(answers), answers)
+
+
+def test_answers_of_another_checkpoint_stop_the_run_and_fresh_moves_them_aside(model_dir, vqa, clean_run, tmp_path):
+    other = tmp_path / "other_checkpoint"
+    shutil.copytree(model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "retrained": True}))  # another run, same shapes
+    answers = tmp_path / "answers.jsonl"
+    shutil.copy(clean_run, answers)
+    recorded = read_lines(answers)[0]["metadata"]
+    assert recorded["model_path"] == str(model_dir) and len(recorded["checkpoint"]) == 16
+
+    model_vqa_loader.main(loader_argv(model_dir, vqa, answers, "--batch-size", "4"))  # same checkpoint: resumes
+    assert answers.read_bytes() == clean_run.read_bytes()
+    with pytest.raises(ValueError, match=rf"line 1: answered by {model_dir}, not by the checkpoint evaluated now "
+                                         rf"\({other};.*--fresh"):
+        model_vqa_loader.main(loader_argv(other, vqa, answers, "--batch-size", "4"))
+    assert answers.read_bytes() == clean_run.read_bytes()  # nothing was appended
+
+    model_vqa_loader.main(loader_argv(other, vqa, answers, "--batch-size", "4", "--fresh"))
+    kept = list(tmp_path.glob("answers.replaced-*.jsonl"))
+    assert len(kept) == 1 and kept[0].read_bytes() == clean_run.read_bytes()
+    lines = read_lines(answers)
+    assert len(lines) == len(vqa.questions) and {line["metadata"]["model_path"] for line in lines} == {str(other)}
+    assert [line["text"] for line in lines] == [line["text"] for line in read_lines(clean_run)]  # same weights
 
 
 def test_resume_refuses_answers_made_with_other_dora_magnitudes(tmp_path):

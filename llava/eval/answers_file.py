@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -26,9 +27,10 @@ logger = logging.getLogger(__name__)
 
 AnswerKey = tuple[Any, Any]
 
-# Run settings recorded in each answer's "metadata" and checked on resume, with the value that a
-# line written before the setting existed stands for (the behaviour at the time).
-RUN_FIELDS = {"dora_magnitudes": "trained"}
+# Run settings recorded in each answer's "metadata" and checked on resume, with what a line written
+# before the setting was recorded stands for: the behaviour at the time, or None (unknown: not checked).
+RUN_FIELDS = {"dora_magnitudes": "trained", "checkpoint": None}
+FRESH_HINT = "or pass --fresh (7B_eval_dora.sh: FRESH=1) to move the old answers aside and answer again"
 
 
 def read_answered(path: Path) -> dict[AnswerKey, list[dict[str, Any]]]:
@@ -65,28 +67,55 @@ def read_answered(path: Path) -> dict[AnswerKey, list[dict[str, Any]]]:
     return answered
 
 
+_UNKNOWN = object()
+
+
 def _recorded_setting(record: dict[str, Any], name: str, run_info: dict[str, Any]) -> Any:
     metadata = record.get("metadata") or {}
     if name in metadata:
         return metadata[name]
+    if RUN_FIELDS[name] is None:
+        return _UNKNOWN
     # A line from before the setting was recorded: it was made with the only behaviour there was, which
     # applied to the same kind of checkpoint (a DoRA setting means nothing for other checkpoints).
     return RUN_FIELDS[name] if name in run_info else None
 
 
 def check_run_settings(answered: dict[AnswerKey, list[dict[str, Any]]], run_info: dict[str, Any], path: Path) -> None:
-    """Stop if any existing answer was made under other run settings than ``run_info``."""
+    """Stop if any existing answer was made by another checkpoint or under other settings than ``run_info``."""
     for records in answered.values():
         for record in records:
             for name in RUN_FIELDS:
                 recorded, wanted = _recorded_setting(record, name, run_info), run_info.get(name)
-                if recorded != wanted:
+                if recorded is _UNKNOWN or recorded == wanted:
+                    continue
+                if name == "checkpoint":
+                    made_by = (record.get("metadata") or {}).get("model_path", "another checkpoint")
                     raise ValueError(
-                        f"Answers file {path}, line {record['_line']}: answered with {name}={recorded!r}, but this "
-                        f"run uses {name}={wanted!r}; answers of different settings must not be mixed. Choose another "
-                        "--answers-file (7B_eval_dora.sh: another CKPT name or RESULTPATH), or delete the file to "
-                        "answer every question again."
+                        f"Answers file {path}, line {record['_line']}: answered by {made_by}, not by the checkpoint "
+                        f"evaluated now ({run_info.get('model_path')}; its files differ). Choose another "
+                        f"--answers-file (7B_eval_dora.sh: another CKPT name or RESULTPATH), {FRESH_HINT}."
                     )
+                raise ValueError(
+                    f"Answers file {path}, line {record['_line']}: answered with {name}={recorded!r}, but this "
+                    f"run uses {name}={wanted!r}; answers of different settings must not be mixed. Choose another "
+                    f"--answers-file (7B_eval_dora.sh: another CKPT name or RESULTPATH), {FRESH_HINT}."
+                )
+
+
+def move_aside(path: Path) -> Path | None:
+    """Rename an existing answers file out of the way (kept, never deleted); returns its new name."""
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.stem}.replaced-{stamp}{path.suffix}")
+    number = 1
+    while target.exists():
+        number += 1
+        target = path.with_name(f"{path.stem}.replaced-{stamp}-{number}{path.suffix}")
+    path.rename(target)
+    logger.warning("--fresh: moved the existing answers %s aside to %s", path, target.name)
+    return target
 
 
 def pending_requests(

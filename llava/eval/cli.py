@@ -9,16 +9,19 @@ turns the questions into ``Request``s once the model (and so its template and co
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from llava.conversation import conv_templates
+from llava.eval import answers_file
 from llava.eval import generation as gen
 from llava.mm_utils import get_model_name_from_path
 
@@ -70,6 +73,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, conv_mode: str | None) 
         help="auto: float16 on GPU, float32 on CPU",
     )
     parser.add_argument(
+        "--mm-projector", type=str, default=None,
+        help="a projector file (keys model.mm_projector.*, like stage 1's mm_projector.bin) to use instead of the "
+        "checkpoint's; needed for an adapter saved without its projector",
+    )
+    parser.add_argument(
         "--dora-magnitudes", choices=DORA_MAGNITUDES, default="trained",
         help="DoRA checkpoints only. trained: the magnitudes training produced (default); weight_norm: m = ||W0|| "
         "for every layer, as the seed's loader evaluated the paper's published DoRA row",
@@ -94,6 +102,10 @@ def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: in
 def add_chunk_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-chunks", type=int, default=1)
     parser.add_argument("--chunk-idx", type=int, default=0)
+    parser.add_argument(
+        "--fresh", action="store_true",
+        help="move an existing --answers-file aside (renamed, kept) and answer every question again",
+    )
 
 
 def settings_from_args(args: argparse.Namespace, stop_str: str | None) -> gen.GenerationSettings:
@@ -124,6 +136,42 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _file_digest(path: Path, digest: Any) -> None:
+    """Feed a file's name, size and content into ``digest``: all of a small file, the ends of a large one."""
+    size = path.stat().st_size
+    digest.update(f"{path.name}\0{size}\0".encode())
+    with path.open("rb") as f:
+        if size <= 2 * _SAMPLE:
+            digest.update(f.read())
+            return
+        digest.update(f.read(_SAMPLE))
+        f.seek(size - _SAMPLE)
+        digest.update(f.read())
+
+
+_SAMPLE = 1 << 20
+
+
+def checkpoint_fingerprint(*sources: str | None) -> str:
+    """What identifies the model that answers: the files of each local folder or file (a retrained or
+    other checkpoint differs in them), or the name of a hub model. Cheap even for 7B weights."""
+    digest = hashlib.sha256()
+    for source in sources:
+        if source is None:
+            digest.update(b"-")
+            continue
+        path = Path(source).expanduser()
+        if path.is_dir():
+            for file in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
+                _file_digest(file, digest)
+        elif path.is_file():
+            _file_digest(path, digest)
+        else:
+            digest.update(f"hub:{source}".encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class LoadedModel:
     tokenizer: Any
@@ -142,15 +190,22 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     magnitudes = getattr(args, "dora_magnitudes", "trained")
+    mm_projector = getattr(args, "mm_projector", None)
     is_dora = adapter_kind(model_path) == "dora"
     logger.info(
         "Loading %s on %s (%s)%s", model_path, device, str(dtype).removeprefix("torch."),
         f", DoRA magnitudes: {magnitudes}" if is_dora else "",
     )
     tokenizer, model, image_processor, _ = load_pretrained_model(
-        model_path, args.model_base, name, device=device, torch_dtype=dtype, dora_magnitudes=magnitudes
+        model_path, args.model_base, name, device=device, torch_dtype=dtype, dora_magnitudes=magnitudes,
+        mm_projector=mm_projector,
     )
-    run_info = {"dora_magnitudes": magnitudes} if is_dora else {}
+    run_info: dict[str, Any] = {
+        "model_path": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
+        "checkpoint": checkpoint_fingerprint(model_path, args.model_base, mm_projector),
+    }
+    if is_dora:
+        run_info["dora_magnitudes"] = magnitudes
     return LoadedModel(tokenizer, model, image_processor, name, run_info)
 
 
@@ -176,8 +231,11 @@ def answer_questions(
     switch_plain_template: bool = True,
 ) -> gen.RunSummary:
     """Load the model, build the requests for its template and config, and answer them into
-    ``--answers-file`` (resuming it). ``build_requests(conv_mode, model_config)`` makes the requests."""
+    ``--answers-file`` (resuming it, or after moving it aside with ``--fresh``).
+    ``build_requests(conv_mode, model_config)`` makes the requests."""
     loaded = load_model(args)
+    if getattr(args, "fresh", False):
+        answers_file.move_aside(Path(args.answers_file).expanduser())
     conv_mode = mmtag_conv_mode(args.conv_mode, loaded.name) if switch_plain_template else args.conv_mode
     return gen.run_generation(
         build_requests(conv_mode, loaded.model.config),

@@ -90,6 +90,17 @@ def present_options(row: dict[str, Any]) -> list[str]:
     return options
 
 
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def clean_prediction(text: str) -> str:
+    """The answer without the control characters a spreadsheet cannot hold (openpyxl refuses them).
+
+    The upload holds this text, so the server reads it; the local score reads the same.
+    """
+    return _CONTROL_CHARACTERS.sub("", text)
+
+
 def parse_letter(text: str, letters: Sequence[str], options: Sequence[str] = ()) -> str | None:
     """The shown letter an answer picks (rules in the module docstring), None if it picks none or several."""
     letters = list(letters)  # a string of letters would match substrings such as "" or "AB"
@@ -122,7 +133,7 @@ def round_is_correct(answer: dict[str, Any], gold_letter: str, tsv_options: Sequ
     options = answer.get("options") or list(tsv_options)
     shown = list(string.ascii_uppercase[:len(options)])
     original = answer.get("option_char") or list(shown)
-    picked = parse_letter(answer.get("text", ""), shown, options)
+    picked = parse_letter(clean_prediction(answer.get("text", "")), shown, options)
     return picked is not None and original[shown.index(picked)] == gold_letter
 
 

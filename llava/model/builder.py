@@ -24,6 +24,9 @@ from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCau
 
 logger = logging.getLogger(__name__)
 
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+NON_LORA_FILES = ("non_lora_trainables.safetensors", "non_lora_trainables.bin")
+
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,6 +56,80 @@ def _is_adapter(model_path: str) -> bool:
     return os.path.exists(os.path.join(model_path, "adapter_config.json"))
 
 
+def _is_local(path: str) -> bool:
+    """A path on disk, as opposed to a hub id ("org/name"): it exists or is written like a path."""
+    return os.path.exists(path) or path.startswith((".", os.sep, "~"))
+
+
+def _tensor_names(path: Path) -> list[str]:
+    """The tensor names of a .safetensors file (header only) or a .bin file (loaded, weights only)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    return list(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _holds_projector(model_base: str) -> bool:
+    """Whether a base model's weights include a projector (a LLaVA model does, Vicuna does not)."""
+    if not _is_local(model_base):
+        return False
+    config = Path(model_base, "config.json")
+    return config.is_file() and "mm_projector_type" in json.loads(config.read_text())
+
+
+def check_model_folders(model_path: str, model_base: str | None, mm_projector: str | None = None) -> None:
+    """Refuse, before any model is built, checkpoints that would load wrong or not at all.
+
+    A local folder without config.json, an adapter whose weights hold DoRA magnitudes under a plain
+    LoRA config (they would be dropped), and an adapter or projector-only folder without the projector
+    its base lacks (it would be evaluated with a random projector) each get an error naming the files.
+    """
+    if _is_local(model_path) and not Path(model_path, "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_path}: no config.json. Expected a LLaVA checkpoint folder: a full model, an adapter "
+            "(adapter_config.json, its weights, config.json and non_lora_trainables) or a projector-only folder "
+            "(config.json, mm_projector.bin), as training writes them."
+        )
+    if mm_projector is not None and not os.path.isfile(mm_projector):
+        raise FileNotFoundError(f"--mm-projector {mm_projector}: no such file.")
+    if model_base is None:
+        return
+    folder = Path(model_path)
+    if not _is_adapter(model_path):
+        if mm_projector is None and not (folder / "mm_projector.bin").is_file():
+            raise FileNotFoundError(
+                f"{model_path}: no mm_projector.bin. With a base model ({model_base}) the folder must be a "
+                "projector-only checkpoint (config.json, mm_projector.bin) or an adapter (adapter_config.json)."
+            )
+        return
+    if adapter_kind(model_path) == "lora":
+        _refuse_dora_tensors_under_lora(folder)
+    if mm_projector is None and not _holds_projector(model_base):
+        non_lora = [folder / name for name in NON_LORA_FILES if (folder / name).is_file()]
+        if not any("mm_projector" in key for file in non_lora for key in _tensor_names(file)):
+            where = non_lora[0].name if non_lora else " or ".join(NON_LORA_FILES)
+            raise FileNotFoundError(
+                f"{model_path}: no projector weights (mm_projector.*) in {where}, and the base model {model_base} has "
+                "none: the model would be evaluated with a random projector. Use a checkpoint that training wrote "
+                "completely, or name the projector it was trained with: --mm-projector PATH "
+                "(e.g. the stage-1 mm_projector.bin, for a run with a frozen projector)."
+            )
+
+
+def _refuse_dora_tensors_under_lora(folder: Path) -> None:
+    files = [folder / name for name in (*ADAPTER_FILES, *NON_LORA_FILES) if (folder / name).is_file()]
+    for file in files:
+        magnitudes = [key for key in _tensor_names(file) if "lora_magnitude_vector" in key or "weight_m_wdecomp" in key]
+        if magnitudes:
+            raise ValueError(
+                f"{file} holds DoRA magnitudes ({magnitudes[0]}, {len(magnitudes)} in all), but "
+                f"{folder / 'adapter_config.json'} describes plain LoRA (use_dora is not true): loading it as LoRA "
+                "would drop them. Set \"use_dora\": true in adapter_config.json if this is a DoRA run."
+            )
+
+
 def adapter_kind(model_path: str) -> str | None:
     """"dora" or "lora" for an adapter folder (either format), None for anything else."""
     if not _is_adapter(model_path):
@@ -74,6 +151,7 @@ def load_pretrained_model(
     missing_magnitudes: str = "error",
     torch_dtype: torch.dtype | None = None,
     dora_magnitudes: str = "trained",
+    mm_projector: str | None = None,
     **kwargs,
 ):
     """Returns (tokenizer, model, image_processor, context_len), as the original LLaVA builder.
@@ -82,13 +160,15 @@ def load_pretrained_model(
     for every layer, the trained magnitudes ignored): the paper's published DoRA row. ``"trained"``
     (default) restores the trained magnitudes; ``missing_magnitudes="weight_norm"`` then fills in only
     those a checkpoint lacks, which the default refuses. Without ``device_map`` every weight is loaded
-    straight onto ``device``.
+    straight onto ``device``. ``mm_projector`` (a file like stage 1's mm_projector.bin) replaces the
+    checkpoint's projector; the folders are checked before anything is built (``check_model_folders``).
     """
     device = device or default_device()
     if torch_dtype is None:
         torch_dtype = torch.float16 if device.startswith("cuda") else torch.float32
     if dora_magnitudes not in ("trained", "weight_norm"):
         raise ValueError(f"dora_magnitudes must be 'trained' or 'weight_norm', got {dora_magnitudes!r}.")
+    check_model_folders(model_path, model_base, mm_projector)
     if dora_magnitudes != "trained" and adapter_kind(model_path) != "dora":
         logger.warning("%s is not a DoRA adapter: dora_magnitudes=%s has no effect", model_path, dora_magnitudes)
     kwargs = {"torch_dtype": torch_dtype, **kwargs}
@@ -118,15 +198,14 @@ def load_pretrained_model(
         tokenizer = AutoTokenizer.from_pretrained(model_base)
         config = LlavaConfig.from_pretrained(model_path)
         model = LlavaLlamaForCausalLM.from_pretrained(model_base, config=config, **kwargs)
-        projector = torch.load(os.path.join(model_path, "mm_projector.bin"), map_location="cpu", weights_only=True)
-        projector = {k: v.to(torch_dtype) for k, v in projector.items()}
-        missing = set(projector) - set(model.state_dict())
-        if missing:
-            raise ValueError(f"{model_path}/mm_projector.bin has keys the model lacks: {sorted(missing)[:4]}")
-        model.load_state_dict(projector, strict=False)
+        if mm_projector is None:
+            _load_projector(model, os.path.join(model_path, "mm_projector.bin"), torch_dtype)
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         model = LlavaLlamaForCausalLM.from_pretrained(model_path, **kwargs)
+
+    if mm_projector is not None:
+        _load_projector(model, mm_projector, torch_dtype)
 
     if getattr(model.config, "mm_use_im_patch_token", False):
         tokenizer.add_tokens([DEFAULT_IMAGE_PATCH_TOKEN], special_tokens=True)
@@ -144,6 +223,19 @@ def load_pretrained_model(
     model.eval()
     context_len = getattr(model.config, "max_sequence_length", 2048)
     return tokenizer, model, vision_tower.image_processor, context_len
+
+
+def _load_projector(model, path: str, dtype: torch.dtype) -> None:
+    """Load a projector file (keys ``model.mm_projector.*``, as stage 1 writes mm_projector.bin)."""
+    projector = torch.load(path, map_location="cpu", weights_only=True)
+    own = {k for k in model.state_dict() if "mm_projector" in k}
+    if set(projector) != own:
+        raise ValueError(
+            f"{path}: its keys {sorted(projector)[:4]} are not the model's projector {sorted(own)[:4]}: "
+            "a projector of another shape or type (mm_projector_type) than this checkpoint's."
+        )
+    model.load_state_dict({k: v.to(dtype) for k, v in projector.items()}, strict=False)
+    logger.info("Loaded the projector from %s", path)
 
 
 def _load_adapter_model(model_path: str, model_base: str, missing_magnitudes: str, dora_magnitudes: str, kwargs: dict):

@@ -1,0 +1,153 @@
+"""Checkpoints that would load wrong are refused before any model is built, with a message naming the files.
+
+Each case was silent or late before: an adapter without its projector was evaluated with a random one,
+DoRA magnitudes under a LoRA config were dropped, a folder without config.json failed per benchmark,
+a mistyped EVALPATH skipped every benchmark with exit code 0, a control character in an MMBench
+answer broke the upload, and the merge script took only local base folders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from llava.eval.eval_mmbench import mmbench_accuracy
+from llava.model import LlavaLlamaForCausalLM
+from llava.model.builder import load_pretrained_model
+from llava.tiny_base import build_tiny_llava
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = ["q_proj", "v_proj"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_base, tmp_path_factory):
+    """A LoRA run's output (adapter, config.json, non_lora_trainables.bin) on the plain tiny language model."""
+    root = tmp_path_factory.mktemp("lora_run")
+    llava_dir = build_tiny_llava(tiny_base, root / "llava")
+    torch.manual_seed(0)
+    model = get_peft_model(LlavaLlamaForCausalLM.from_pretrained(llava_dir),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False))
+    out = root / "run"
+    model.save_pretrained(out)
+    shutil.copy(llava_dir / "config.json", out / "config.json")
+    projector = {f"base_model.model.model.mm_projector.{k}": torch.randn_like(v)
+                 for k, v in model.get_base_model().get_model().mm_projector.state_dict().items()}
+    torch.save(projector, out / "non_lora_trainables.bin")
+    return out
+
+
+def never_built(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the checkpoint was checked")
+
+    monkeypatch.setattr(LlavaLlamaForCausalLM, "from_pretrained", classmethod(refuse))
+
+
+def test_adapter_without_projector_is_refused_unless_one_is_named(lora_run, tiny_base, tmp_path, monkeypatch):
+    folder = tmp_path / "no_projector"
+    shutil.copytree(lora_run, folder)
+    (folder / "non_lora_trainables.bin").unlink()
+    with monkeypatch.context() as patch:
+        never_built(patch)
+        with pytest.raises(FileNotFoundError, match=r"no projector weights .* non_lora_trainables\.safetensors or "
+                                                    r"non_lora_trainables\.bin.*--mm-projector"):
+            load_pretrained_model(str(folder), str(tiny_base.language_model), device="cpu")
+    _, model, _, _ = load_pretrained_model(str(folder), str(tiny_base.language_model), device="cpu",
+                                           mm_projector=str(tiny_base.projector))
+    want = torch.load(tiny_base.projector, weights_only=True)
+    got = model.state_dict()
+    assert all(torch.equal(got[key], value) for key, value in want.items())
+
+
+def test_dora_magnitudes_under_a_lora_config_are_refused(lora_run, tiny_base, tmp_path, monkeypatch):
+    folder = tmp_path / "mislabelled"
+    shutil.copytree(lora_run, folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("q_proj.lora_A.weight"))
+    magnitude = key.replace("lora_A.weight", "lora_magnitude_vector")
+    tensors[magnitude] = torch.ones(tensors[key.replace("lora_A", "lora_B")].shape[0])
+    save_file(tensors, folder / "adapter_model.safetensors")
+    never_built(monkeypatch)
+    with pytest.raises(ValueError, match=rf"adapter_model\.safetensors holds DoRA magnitudes \({magnitude}, 1 in all\)"
+                                         r".*use_dora is not true"):
+        load_pretrained_model(str(folder), str(tiny_base.language_model), device="cpu")
+
+
+def test_folder_without_config_json_is_refused(lora_run, tiny_base, tmp_path, monkeypatch):
+    folder = tmp_path / "no_config"
+    shutil.copytree(lora_run, folder)
+    (folder / "config.json").unlink()
+    never_built(monkeypatch)
+    with pytest.raises(FileNotFoundError, match=rf"{folder}: no config\.json"):
+        load_pretrained_model(str(folder), str(tiny_base.language_model), device="cpu")
+
+
+def eval_script(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "7B_eval_dora.sh", *args], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **env})
+
+
+def test_eval_script_stops_at_once_on_a_missing_evalpath_or_config(lora_run, tiny_base, tmp_path):
+    results = tmp_path / "results"
+    missing = eval_script("x", str(lora_run), str(tmp_path / "evl"), str(results), str(REPO),
+                          MODEL_BASE=str(tiny_base.language_model))
+    assert missing.returncode == 2 and f"EVALPATH {tmp_path / 'evl'} is not a folder" in missing.stderr
+    no_config = tmp_path / "no_config"
+    no_config.mkdir()
+    bare = eval_script("x", str(no_config), str(tmp_path), str(results), str(REPO))
+    assert bare.returncode == 2 and "has no config.json" in bare.stderr
+    assert not results.exists()
+
+
+def test_control_characters_are_cleaned_from_the_upload_and_the_score(tmp_path):
+    tsv = pd.DataFrame({"index": [0, 1], "question": ["q0", "q1"], "hint": ["", ""], "A": ["cat", "up"],
+                        "B": ["dog", "down"], "answer": ["B", "A"], "category": ["c", "c"], "image": ["x", "x"],
+                        "source": ["s", "s"], "l2-category": ["l", "l"], "comment": ["", ""], "split": ["dev", "dev"]})
+    tsv_path = tmp_path / "mmbench.tsv"
+    tsv.to_csv(tsv_path, sep="\t", index=False)
+    answers = [{"question_id": 0, "round_id": 0, "text": "B\x01", "options": ["cat", "dog"], "option_char": ["A", "B"]},
+               {"question_id": 1, "round_id": 0, "text": "\x1bA\x00", "options": ["up", "down"],
+                "option_char": ["A", "B"]}]
+    (tmp_path / "run.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    subprocess.run([sys.executable, "scripts/convert_mmbench_for_submission.py", "--annotation-file", str(tsv_path),
+                    "--result-dir", str(tmp_path), "--upload-dir", str(tmp_path / "up"), "--experiment", "run"],
+                   cwd=REPO, check=True, capture_output=True)
+    upload = pd.read_excel(tmp_path / "up" / "run.xlsx")
+    assert list(upload["prediction"]) == ["B", "A"]
+    assert mmbench_accuracy(tsv, answers)["single_round_accuracy"] == 100.0
+
+
+def hub_cache(root: Path, repo_id: str, folder: Path) -> None:
+    """A Hugging Face hub cache holding ``folder`` as the snapshot of ``repo_id`` (what a download leaves)."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(snapshot.name)
+
+
+@pytest.mark.slow
+def test_merge_script_takes_a_hub_id_as_base(lora_run, tiny_base, tmp_path):
+    cache = tmp_path / "hub"
+    hub_cache(cache, "tiny-org/tiny-vicuna", tiny_base.language_model)
+    out = tmp_path / "merged"
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    merged = subprocess.run([sys.executable, "scripts/merge_lora_weights.py", "--model-path", str(lora_run),
+                             "--model-base", "tiny-org/tiny-vicuna", "--save-model-path", str(out)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    _, from_hub, _, _ = load_pretrained_model(str(out), None, device="cpu")
+    _, local, _, _ = load_pretrained_model(str(lora_run), str(tiny_base.language_model), device="cpu")
+    want = local.state_dict()
+    assert all(torch.equal(tensor, want[key]) for key, tensor in from_hub.state_dict().items())
