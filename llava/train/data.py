@@ -10,8 +10,11 @@ three changes that make it robust:
   an answer span. The original added up per-turn token counts instead, which breaks whenever a turn
   tokenizes differently alone than in context (the "tokenization mismatch" that silently dropped whole
   samples when the tokenizer's `legacy` setting changed).
-* Bad data fails early with the sample id and file in the message (or, with `skip_bad_samples`, bad
-  images are counted and skipped).
+* Bad data fails before training, not when its batch comes: the whole data file is checked when the
+  dataset is built (structure, `<image>` tag against `image` field, every image file present), and
+  every problem is reported at once with file, item index and id. With `skip_bad_samples` the bad
+  items are dropped with a warning instead; an image that exists but fails to decode is still found
+  only when loaded, and is then named the same way (or skipped).
 * A sample with no supervised token left (truncated away, empty answers) is logged by id and kept with
   all labels IGNORE_INDEX; the model must return a zero loss for a batch without targets.
 """
@@ -22,8 +25,11 @@ import copy
 import json
 import logging
 import os
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -46,6 +52,11 @@ Span = tuple[int, int]
 
 _ROLE_INDEX = {"human": 0, "gpt": 1}
 
+# How many bad items an error lists, and how many a --skip_bad_samples warning names.
+LISTED_PROBLEMS = 20
+NAMED_DROPS = 5
+SKIP_HINT = "pass --skip_bad_samples to drop such samples"
+
 
 @dataclass
 class DataArguments:
@@ -63,14 +74,32 @@ class DataArguments:
     skip_bad_samples: bool = field(
         default=False,
         metadata={
-            "help": "Count and skip samples whose image is missing/unreadable (ids kept in the dataset's "
-            "`skipped` list) instead of failing."
+            "help": "Drop samples that fail the checks before training (missing image, <image> tag and 'image' "
+            "field disagreeing, empty or malformed conversation) with a warning, and skip samples whose image "
+            "fails to decode during training (ids kept in the dataset's `skipped` list), instead of stopping."
         },
     )
 
 
 class UnreadableImageError(ValueError):
     """An image file exists but cannot be decoded; skippable with `skip_bad_samples`."""
+
+
+class BadSamplesError(ValueError):
+    """The data file has items that would stop or silently spoil training; raised before training starts."""
+
+
+@dataclass(frozen=True)
+class SampleProblem:
+    """One bad item of the data file: where it is (index in the file, id), what kind, what is wrong."""
+
+    index: int
+    sample_id: str
+    kind: str
+    message: str
+
+    def describe(self) -> str:
+        return f"item {self.index} (id {self.sample_id}): {self.message}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -101,28 +130,34 @@ def preprocess_multimodal(sources: Sequence[list[dict[str, Any]]], data_args: An
     return sources
 
 
+def _normalised_turns(source: Sequence[dict[str, Any]]) -> list[tuple[int, str]]:
+    """(speaker, text) pairs after LLaVA's rules; ValueError saying what is wrong (without naming the sample)."""
+    first = 1 if source and source[0].get("from") != "human" else 0
+    result = []
+    for j, turn in enumerate(source[first:]):
+        speaker = _ROLE_INDEX.get(turn.get("from"))
+        if speaker is None:
+            raise ValueError(f"turn {first + j} is from {turn.get('from')!r}; expected 'human' or 'gpt'")
+        if speaker != j % 2:
+            expected = "human" if j % 2 == 0 else "gpt"
+            raise ValueError(
+                f"roles must alternate human/gpt, but turn {first + j} is from {turn['from']!r} "
+                f"where {expected!r} was expected"
+            )
+        result.append((speaker, turn["value"]))
+    return result
+
+
 def conversation_turns(source: Sequence[dict[str, Any]], name: str) -> list[tuple[int, str]]:
     """(speaker, text) pairs, speaker 0 = human, 1 = gpt, after LLaVA's rules.
 
     A first turn not from "human" is dropped (as the original did); the rest must alternate
     human/gpt. Raises ValueError naming the sample otherwise, instead of the original's bare assert.
     """
-    first = 1 if source and source[0].get("from") != "human" else 0
-    result = []
-    for j, turn in enumerate(source[first:]):
-        speaker = _ROLE_INDEX.get(turn.get("from"))
-        if speaker is None:
-            raise ValueError(
-                f"sample {name}: turn {first + j} is from {turn.get('from')!r}; expected 'human' or 'gpt'"
-            )
-        if speaker != j % 2:
-            expected = "human" if j % 2 == 0 else "gpt"
-            raise ValueError(
-                f"sample {name}: roles must alternate human/gpt, but turn {first + j} is from {turn['from']!r} "
-                f"where {expected!r} was expected"
-            )
-        result.append((speaker, turn["value"]))
-    return result
+    try:
+        return _normalised_turns(source)
+    except ValueError as err:
+        raise ValueError(f"sample {name}: {err}") from None
 
 
 def _render(conv: Conversation, messages: Sequence[tuple[str, Optional[str]]]) -> str:
@@ -326,8 +361,8 @@ def _sample_id(sample: Any, index: int) -> str:
     return f"#{index}"
 
 
-def load_samples(data_path: str) -> list[dict[str, Any]]:
-    """Read and check the training JSON up front, so bad data fails before training, naming where."""
+def load_samples(data_path: str) -> list[Any]:
+    """Read the training JSON, naming the file and the place when it is malformed (items: `check_samples`)."""
     try:
         with open(data_path, encoding="utf-8") as f:
             samples = json.load(f)
@@ -335,17 +370,171 @@ def load_samples(data_path: str) -> list[dict[str, Any]]:
         raise ValueError(f"{data_path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
     if not isinstance(samples, list):
         raise ValueError(f"{data_path}: the top level must be a JSON list of samples, not {type(samples).__name__}")
-    for index, sample in enumerate(samples):
-        where = f"{data_path}: item {index} (id {_sample_id(sample, index)})"
-        if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
-            raise ValueError(f"{where} has no 'conversations' list")
-        for j, turn in enumerate(sample["conversations"]):
-            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-                raise ValueError(f"{where}: turn {j} needs a 'from' and a string 'value'")
-        conversation_turns(sample["conversations"], f"{_sample_id(sample, index)} (item {index} of {data_path})")
-        if "image" in sample and not isinstance(sample["image"], str):
-            raise ValueError(f"{where}: 'image' must be a path string")
     return samples
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks over the whole data file, before training
+
+
+def _checked_turns(sample: Any) -> list[tuple[int, str]]:
+    """The item's turns as training reads them; ValueError saying why it cannot be trained on."""
+    if not isinstance(sample, dict):
+        raise ValueError(f"is a JSON {type(sample).__name__}, not an object with 'conversations'")
+    conversations = sample.get("conversations")
+    if conversations is None:
+        raise ValueError("has no 'conversations'; it needs a list of {'from', 'value'} turns")
+    if not isinstance(conversations, list):
+        kind = type(conversations).__name__
+        raise ValueError(f"'conversations' is a {kind}, not a list of {{'from', 'value'}} turns")
+    if not conversations:
+        raise ValueError("'conversations' is empty; it needs a human turn and a gpt answer")
+    for j, turn in enumerate(conversations):
+        if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
+            raise ValueError(f"turn {j} must be an object with a string 'from' and a string 'value'")
+    turns = _normalised_turns(conversations)
+    if not any(speaker == 1 and text.strip() for speaker, text in turns):
+        raise ValueError(
+            "no non-empty 'gpt' answer after the human turn (a first turn not from 'human' is dropped): "
+            "nothing to train on"
+        )
+    return turns
+
+
+def _image_tag_problem(sample: dict[str, Any], turns: Sequence[tuple[int, str]]) -> Optional[str]:
+    """Why the `<image>` tags (in the turns trained on) and the `image` field disagree, or None.
+
+    LLaVA-1.5 splices one image where its single tag stands in a human turn (in mix665k: the first turn of
+    every image sample; text-only samples have no tag). A tag without an image would be trained as plain
+    text, an image without a tag would be loaded and never seen, a second tag has no image to take.
+    """
+    tag = DEFAULT_IMAGE_TOKEN
+    tags = [(speaker, text.count(tag)) for speaker, text in turns]
+    count = sum(n for _, n in tags)
+    if "image" not in sample:
+        if count:
+            return f"{count} {tag} tag(s) in its conversation but no 'image' field; add the image or remove the tag"
+        return None
+    if count != 1:
+        return f"has an 'image' but {count} {tag} tags; it needs exactly one, in the human turn that shows the image"
+    if any(speaker == 1 and n for speaker, n in tags):
+        return f"its {tag} tag is in a 'gpt' answer; move it to the human turn that shows the image"
+    return None
+
+
+def sample_problem(sample: Any) -> Optional[tuple[str, str]]:
+    """(kind, what is wrong) for one item, or None; everything that needs no file access."""
+    try:
+        turns = _checked_turns(sample)
+    except ValueError as err:
+        return "conversation", str(err)
+    image = sample.get("image")
+    if "image" in sample and (not isinstance(image, str) or not image.strip()):
+        return "image path", f"'image' is {image!r}; it must be a path relative to --image_folder"
+    message = _image_tag_problem(sample, turns)
+    return None if message is None else ("<image> tag", message)
+
+
+def _path_inside(root: str, image_file: str) -> Optional[str]:
+    """The normalised path of `image_file` under `root` (a normalised absolute path), or None when it
+    leads outside; lexical, as `os.path.join` reads it (an absolute path inside `root` is accepted)."""
+    path = os.path.normpath(os.path.join(root, image_file))
+    return path if path == root or path.startswith(os.path.join(root, "")) else None
+
+
+def _missing_in_folder(folder: str, names: dict[str, str], root: str, image_folder: str) -> dict[str, str]:
+    """{image path: why} for the `names` (file name -> image path) in `folder` that are not files there."""
+    directory = _path_inside(root, folder)
+    if directory is None:
+        reason = f"leads outside --image_folder {image_folder}; image paths are relative to it"
+        return {image_file: f"image path {image_file!r} {reason}" for image_file in names.values()}
+    try:
+        with os.scandir(directory) as entries:
+            present = {entry.name for entry in entries if entry.name in names and entry.is_file()}
+    except (FileNotFoundError, NotADirectoryError):
+        reason = f"there is no folder {folder!r} under --image_folder {image_folder}"
+        return {image_file: f"image {image_file!r} not found: {reason}" for image_file in names.values()}
+    except OSError:
+        present = set()
+    return {
+        image_file: f"image {image_file!r} not found under --image_folder {image_folder}"
+        for name, image_file in names.items()
+        if name not in present and not os.path.isfile(os.path.join(directory, name))
+    }
+
+
+def missing_images(image_files: Iterable[str], image_folder: str) -> dict[str, str]:
+    """{image path: why} for the paths that are not files under `image_folder`; no image is opened.
+
+    Each folder is listed once, folders in parallel (listing is I/O bound), instead of one stat per image:
+    665k images live in a handful of folders, and on a network file system a listing costs about as much
+    as one stat. A name absent from its listing is stat-ed before it is reported (case-insensitive file
+    systems, unusual names), so the listing only ever saves work.
+    """
+    root = os.path.normpath(os.path.abspath(image_folder))
+    by_folder: dict[str, dict[str, str]] = {}
+    for image_file in image_files:
+        folder, slash, name = image_file.rpartition("/")
+        by_folder.setdefault(folder or slash, {})[name] = image_file
+    missing: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=max(1, min(32, len(by_folder)))) as pool:
+        for found in pool.map(lambda item: _missing_in_folder(*item, root, image_folder), by_folder.items()):
+            missing.update(found)
+    return missing
+
+
+def _check_image_folder(image_folder: Optional[str], data_path: str, image_samples: int) -> None:
+    """Fail on what dropping samples cannot fix: images referenced but no folder to find them in."""
+    if image_folder is None:
+        raise ValueError(
+            f"{data_path}: {image_samples} samples have an 'image' but no --image_folder was given; "
+            "pass the folder their paths are relative to"
+        )
+    if not os.path.isdir(image_folder):
+        raise ValueError(f"{data_path}: --image_folder {image_folder} is not a folder; {image_samples} samples need it")
+
+
+def check_samples(samples: Sequence[Any], data_path: str, image_folder: Optional[str]) -> list[SampleProblem]:
+    """Every bad item of the data file (at most one problem each, the first found), in file order.
+
+    Runs before training so a bad item stops the run at once, not hours in when its batch comes: the
+    conversation's shape, the `<image>` tag against the `image` field, and that each image file exists
+    (stat only: decoding 665k images would take hours). Raises ValueError when images are referenced
+    but there is no --image_folder to look in.
+    """
+    problems: list[SampleProblem] = []
+    items_of_image: dict[str, list[int]] = {}
+    for index, sample in enumerate(samples):
+        found = sample_problem(sample)
+        if found is not None:
+            problems.append(SampleProblem(index, _sample_id(sample, index), *found))
+        elif "image" in sample:
+            items_of_image.setdefault(sample["image"], []).append(index)
+    if items_of_image:
+        _check_image_folder(image_folder, data_path, sum(len(items) for items in items_of_image.values()))
+        for image_file, reason in missing_images(items_of_image, image_folder).items():
+            problems.extend(
+                SampleProblem(i, _sample_id(samples[i], i), "image file", reason) for i in items_of_image[image_file]
+            )
+    return sorted(problems, key=lambda problem: problem.index)
+
+
+def _kind_counts(problems: Sequence[SampleProblem]) -> str:
+    return ", ".join(f"{kind}: {n}" for kind, n in Counter(p.kind for p in problems).most_common())
+
+
+def describe_problems(data_path: str, problems: Sequence[SampleProblem], total: int) -> str:
+    """The error for a data file with bad items: counts by kind, then the first LISTED_PROBLEMS of them."""
+    shown = problems[:LISTED_PROBLEMS]
+    lines = [
+        f"{data_path}: {len(problems)} of {total} samples are bad ({_kind_counts(problems)}). "
+        f"Fix them in the data file (or fix --image_folder), or {SKIP_HINT} before training. "
+        + ("They are:" if len(shown) == len(problems) else f"The first {len(shown)}:")
+    ]
+    lines += [f"  {problem.describe()}" for problem in shown]
+    if len(problems) > len(shown):
+        lines.append(f"  ... and {len(problems) - len(shown)} more")
+    return "\n".join(lines)
 
 
 def _word_count(sample: dict[str, Any]) -> int:
@@ -355,9 +544,11 @@ def _word_count(sample: dict[str, Any]) -> int:
 class LazySupervisedDataset(Dataset):
     """LLaVA's training samples, turned into tensors one at a time (as the original's lazy mode).
 
-    With `data_args.skip_bad_samples`, a sample whose image is missing or unreadable is logged, its id
-    appended to `skipped` (per process: each DataLoader worker keeps its own list) and the next sample
-    is returned instead.
+    The whole data file is checked when the dataset is built (`check_samples`): bad items raise
+    BadSamplesError, or with `data_args.skip_bad_samples` are dropped with a warning (kept in `dropped`).
+    `item_indices` maps dataset positions back to items of the file, for messages. With
+    `skip_bad_samples`, a sample whose image fails to load during training is logged, its id appended to
+    `skipped` (per process: each DataLoader worker keeps its own list) and the next sample is returned.
     """
 
     def __init__(self, data_path: str, tokenizer: Any, data_args: DataArguments) -> None:
@@ -365,8 +556,30 @@ class LazySupervisedDataset(Dataset):
         self.tokenizer = tokenizer
         self.data_args = data_args
         self.data_path = data_path
-        self.list_data_dict = load_samples(data_path)
+        self.list_data_dict, self.item_indices, self.dropped = self._checked_samples(load_samples(data_path))
         self.skipped: list[str] = []
+
+    def _checked_samples(self, samples: list[Any]) -> tuple[list[dict[str, Any]], list[int], list[SampleProblem]]:
+        """The good samples, their indices in the file, and the bad ones (raising unless skipping them)."""
+        start = time.perf_counter()
+        problems = check_samples(samples, self.data_path, self.data_args.image_folder)
+        logger.info("%s: checked %d samples in %.1f s", self.data_path, len(samples), time.perf_counter() - start)
+        if problems and not self.data_args.skip_bad_samples:
+            raise BadSamplesError(describe_problems(self.data_path, problems, len(samples)))
+        if problems:
+            logger.warning(
+                "%s: --skip_bad_samples: dropping %d of %d samples before training (%s), e.g. %s",
+                self.data_path,
+                len(problems),
+                len(samples),
+                _kind_counts(problems),
+                "; ".join(problem.describe() for problem in problems[:NAMED_DROPS]),
+            )
+        bad = {problem.index for problem in problems}
+        indices = [i for i in range(len(samples)) if i not in bad]
+        if not indices:
+            raise BadSamplesError(f"{self.data_path}: no sample to train on ({len(samples)} in the file, all dropped)")
+        return [samples[i] for i in indices], indices, problems
 
     def __len__(self) -> int:
         return len(self.list_data_dict)
@@ -389,20 +602,23 @@ class LazySupervisedDataset(Dataset):
             try:
                 return self._get_sample(index)
             except (FileNotFoundError, UnreadableImageError) as err:
-                sample_id = _sample_id(self.list_data_dict[index], index)
+                sample_id = _sample_id(self.list_data_dict[index], self.item_indices[index])
                 self.skipped.append(sample_id)
                 logger.warning("skipping sample %s (%d skipped so far): %s", sample_id, len(self.skipped), err)
         raise RuntimeError(f"{self.data_path}: no sample has a readable image")
 
     def _get_sample(self, i: int) -> dict[str, torch.Tensor]:
         sample = self.list_data_dict[i]
-        sample_id = _sample_id(sample, i)
+        file_index = self.item_indices[i]
+        sample_id = _sample_id(sample, file_index)
+        where = f"{self.data_path}: item {file_index} (id {sample_id})"
         sources = copy.deepcopy([sample["conversations"]])
         has_image = "image" in sample
         if has_image:
-            image = self._load_image(sample["image"], sample_id)
+            image = self._load_image(sample["image"], where)
             sources = preprocess_multimodal(sources, self.data_args)
-        data = preprocess(sources, self.tokenizer, has_image=has_image, sample_ids=[sample_id])
+        name = f"{sample_id} (item {file_index} of {self.data_path})"
+        data = preprocess(sources, self.tokenizer, has_image=has_image, sample_ids=[name])
         item = dict(input_ids=data["input_ids"][0], labels=data["labels"][0])
         if has_image:
             item["image"] = image
@@ -418,30 +634,36 @@ class LazySupervisedDataset(Dataset):
             raise ValueError("data_args.image_processor is not set (the trainer takes it from the vision tower)")
         return processor
 
-    def _image_path(self, image_file: str, sample_id: str) -> str:
+    def _image_path(self, image_file: str, where: str) -> str:
         """`image_folder/image_file`, refusing paths that leave the folder.
 
         The check is lexical (no symlink resolution): image folders are often symlinks to dataset disks.
         """
         folder = self.data_args.image_folder
         if folder is None:
-            raise ValueError(f"sample {sample_id} has image {image_file!r} but no --image_folder was given")
-        root = os.path.normpath(os.path.abspath(folder))
-        path = os.path.normpath(os.path.join(root, image_file))
-        if os.path.commonpath([root, path]) != root:
-            raise ValueError(f"sample {sample_id}: image path {image_file!r} leads outside image_folder {folder!r}")
+            raise ValueError(f"{where} has image {image_file!r} but no --image_folder was given")
+        path = _path_inside(os.path.normpath(os.path.abspath(folder)), image_file)
+        if path is None:
+            raise ValueError(f"{where}: image path {image_file!r} leads outside image_folder {folder!r}")
         return path
 
-    def _load_image(self, image_file: str, sample_id: str) -> torch.Tensor:
-        path = self._image_path(image_file, sample_id)
+    def _skip_hint(self) -> str:
+        return "" if self.data_args.skip_bad_samples else f"; {SKIP_HINT} (skipped when loaded)"
+
+    def _load_image(self, image_file: str, where: str) -> torch.Tensor:
+        path = self._image_path(image_file, where)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"sample {sample_id}: image {image_file!r} not found (file {path})")
+            raise FileNotFoundError(
+                f"{where}: image {image_file!r} not found (file {path}); it was there when the data was checked"
+                + self._skip_hint()
+            )
         try:
             with Image.open(path) as opened:
                 image = opened.convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise UnreadableImageError(
-                f"sample {sample_id}: image {image_file!r} is unreadable (file {path}): {err}"
+                f"{where}: image {image_file!r} cannot be decoded (file {path}): {err}; replace or remove the file"
+                + self._skip_hint()
             ) from err
         processor = self._processor()
         if self.data_args.image_aspect_ratio == "pad":
