@@ -15,6 +15,9 @@
 #   BATCH, GRAD_ACC per-device batch 4, gradient accumulation 4 (4 x 4 x 8 GPUs = 128)
 #   PRECISION       "--bf16 True --tf32 True" (set it empty for float32, e.g. on a CPU)
 #   LAUNCHER        deepspeed (or "python" for one process without DeepSpeed); MASTER_PORT 29500
+#   SAVE_STEPS      a checkpoint every 250 optimizer steps (the seed's 50000 never wrote one in its
+#                   5.2k-step epoch); SAVE_TOTAL_LIMIT 2: the last two are kept. Rerunning the same
+#                   command resumes from the newest complete checkpoint.
 # Extra arguments are passed to the training module and override the flags below.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -34,6 +37,8 @@ fi
 NUM_GPUS=${NUM_GPUS:-$DEFAULT_GPUS}
 BATCH=${BATCH:-4}
 GRAD_ACC=${GRAD_ACC:-4}
+SAVE_STEPS=${SAVE_STEPS:-250}
+SAVE_TOTAL_LIMIT=${SAVE_TOTAL_LIMIT:-2}
 PRECISION=${PRECISION---bf16 True --tf32 True}
 LAUNCHER=${LAUNCHER:-deepspeed}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
@@ -89,8 +94,8 @@ ARGS=(
   --gradient_accumulation_steps "$GRAD_ACC"
   --eval_strategy no
   --save_strategy steps
-  --save_steps 50000
-  --save_total_limit 1
+  --save_steps "$SAVE_STEPS"
+  --save_total_limit "$SAVE_TOTAL_LIMIT"
   --learning_rate 2e-4
   --weight_decay 0.
   --warmup_ratio 0.03

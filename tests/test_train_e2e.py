@@ -91,8 +91,7 @@ def losses(out: Path) -> list[float]:
 
 def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
     tensors = load_file(str(folder / "adapter_model.safetensors"))
-    extra = torch.load(folder / "non_lora_trainables.bin", map_location="cpu", weights_only=True)
-    return {**tensors, **extra}
+    return {**tensors, **load_file(str(folder / "non_lora_trainables.safetensors"))}
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +110,11 @@ def test_one_process_training_learns_and_saves_every_checkpoint(setup, one_proce
     # A random-weight tiny base learns slowly; 0.3 nats is half the drop observed over these 28 steps.
     assert sum(history[-5:]) / 5 < sum(history[:5]) / 5 - 0.3, history
     for folder in [out, *sorted(out.glob("checkpoint-*"))]:
-        for name in ("config.json", "adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.bin"):
+        for name in ("config.json", "adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors"):
             assert (folder / name).exists(), folder / name
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["use_dora"] is True
-    projector = torch.load(out / "non_lora_trainables.bin", map_location="cpu", weights_only=True)
+    projector = load_file(str(out / "non_lora_trainables.safetensors"))
     assert sorted(projector) == [f"base_model.model.model.mm_projector.{i}.{w}" for i in (0, 2) for w in ("bias", "weight")]
 
 
@@ -136,7 +135,7 @@ def test_trained_output_loads_with_the_builder_and_merged_equals_unmerged(setup,
     # The unmerged PEFT model, assembled by hand from the saved pieces.
     config = merged.config
     unmerged = LlavaLlamaForCausalLM.from_pretrained(str(base.language_model), config=config)
-    projector = torch.load(one_process_run / "non_lora_trainables.bin", map_location="cpu", weights_only=True)
+    projector = load_file(str(one_process_run / "non_lora_trainables.safetensors"))
     unmerged.load_state_dict({k.removeprefix("base_model.model."): v for k, v in projector.items()}, strict=False)
     # The adapter goes on before the vision tower is built, or CLIP's q/k/v_proj would match its targets too.
     unmerged = PeftModel.from_pretrained(unmerged, str(one_process_run)).eval()

@@ -18,9 +18,10 @@ from torch import nn
 
 from llava import conversation as conversation_lib
 from llava.model import LlavaLlamaForCausalLM
+from llava.train.checkpoints import latest_complete_checkpoint, layout_of, require_complete
 from llava.train.count_params import count_parameters
 from llava.train.data import DataArguments, make_supervised_data_module, preprocess  # noqa: F401  (seed's public name)
-from llava.train.llava_trainer import LLaVATrainer
+from llava.train.llava_trainer import LOSS_WEIGHTINGS, LLaVATrainer
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,14 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     mm_projector_lr: float | None = field(default=None)
     group_by_modality_length: bool = field(default=False)
+    loss_weighting: str = field(
+        default="micro_batch",
+        metadata={
+            "help": "micro_batch (the seed's): the mean over each micro-batch's supervised tokens, averaged over "
+            "accumulation steps and processes; token (transformers 5's): the mean over every supervised token "
+            "of the optimizer step, which weights long answers more"
+        },
+    )
     # The seed's flag names that transformers 5 renamed: accepted and mapped onto the new ones.
     warmup_ratio: float | None = field(default=None, metadata={"help": "alias of --warmup_steps given as a ratio"})
     evaluation_strategy: str | None = field(default=None, metadata={"help": "alias of --eval_strategy"})
@@ -78,6 +87,8 @@ class TrainingArguments(transformers.TrainingArguments):
             self.warmup_steps = self.warmup_ratio
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"--loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         if self.deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             _init_cpu_deepspeed_state()
             self.accelerator_config = {**(self.accelerator_config or {}), "use_configured_state": True}
@@ -149,19 +160,18 @@ def record_trainable_parameters(model: nn.Module, args: TrainingArguments) -> No
         pathlib.Path(args.output_dir, "trainable_parameters.json").write_text(record)
 
 
-def latest_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint-N folder that was written to the end (its trainer_state.json is written last).
+def resume_checkpoint(training_args: TrainingArguments, model: nn.Module) -> str | None:
+    """The checkpoint to resume from: the one named by --resume_from_checkpoint, else the newest complete one.
 
-    A run killed while saving leaves a partial folder; resuming from it would fail or lose steps.
+    Either way it must hold every file this run's resume reads (``llava.train.checkpoints``). The
+    saving process looks first and moves newer damaged checkpoints aside; the others then see the same.
     """
-    complete, partial = [], []
-    for folder in pathlib.Path(output_dir).glob("checkpoint-*"):
-        step = folder.name.removeprefix("checkpoint-")
-        if step.isdigit():
-            (complete if (folder / "trainer_state.json").exists() else partial).append((int(step), folder))
-    for _, folder in partial:
-        logger.warning("Ignoring %s: it was not written to the end (no trainer_state.json)", folder)
-    return str(max(complete)[1]) if complete else None
+    layout = layout_of(training_args, model)
+    if training_args.resume_from_checkpoint:
+        require_complete(training_args.resume_from_checkpoint, layout)
+        return training_args.resume_from_checkpoint
+    with training_args.main_process_first(desc="checking checkpoints", local=False):
+        return latest_complete_checkpoint(training_args.output_dir, layout, move_damaged=training_args.should_save)
 
 
 def compute_dtype_of(args: TrainingArguments) -> torch.dtype:
@@ -300,7 +310,7 @@ def train(attn_implementation: str | None = None) -> None:
     data_module = make_supervised_data_module(tokenizer=tokenizer, data_args=data_args)
     trainer = LLaVATrainer(model=model, processing_class=tokenizer, args=training_args, **data_module)
 
-    resume = training_args.resume_from_checkpoint or latest_complete_checkpoint(training_args.output_dir)
+    resume = resume_checkpoint(training_args, model)
     if resume:
         logger.info("Resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
