@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import DoraConfig
-from .layer import DoraLinear, invalidate_norm_caches
+from .layer import DoraLinear, base_weight, invalidate_norm_caches
 from .norm import row_sq_norm
 
 logger = logging.getLogger(__name__)
@@ -390,11 +390,6 @@ def _dora_modules(peft_model: PeftModel) -> dict[str, DoraLinear]:
     return layers
 
 
-def _base_weight(module: DoraLinear) -> torch.Tensor:
-    weight = module.get_base_layer().weight
-    return weight.t() if module.fan_in_fan_out else weight
-
-
 @torch.no_grad()
 def _assign(
     modules: dict[str, DoraLinear],
@@ -412,7 +407,7 @@ def _assign(
             module.lora_B[adapter_name].weight.copy_(folder.lora_B[name])
         magnitude = folder.magnitudes.get(name) if magnitudes == "trained" else None
         if magnitude is None:
-            magnitude = row_sq_norm(_base_weight(module)).sqrt()
+            magnitude = row_sq_norm(base_weight(module)).sqrt()
         module.lora_magnitude_vector[adapter_name].weight.copy_(magnitude.reshape(-1))
 
 

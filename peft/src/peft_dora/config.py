@@ -54,11 +54,21 @@ class DoraConfig(LoraConfig):
         default=None,
         metadata={"help": "The modules that get A and B; filled from `target_modules` when not given."},
     )
+    peft_dora: bool = field(
+        default=True,
+        metadata={
+            "help": "Marks the config as this project's DoRA (always true). Declared as a LoRA variant so that a "
+            "layer upstream PEFT built (one holding a plain LoRA adapter) refuses it, naming this field, instead "
+            "of silently giving it upstream's DoRA; this project's layers resolve it to their own.",
+            "is_lora_variant": True,
+        },
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"DoraConfig: r must be a positive integer, got {self.r!r}.")
         self.use_dora = True
+        self.peft_dora = True
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.wdecompose_target_modules, (set, tuple)):

@@ -18,6 +18,8 @@ Plain autograd would also keep an extra batch x out activation alive for the mag
 Without dropout we keep the output itself instead (it usually outlives the layer anyway) and
 recover W0 x + s h B^T = (y - b) / scale in backward. An entry of m that is exactly zero then gets
 a zero gradient, the only case where the output does not determine the product.
+
+The scale and the reductions are in the norm's dtype: float32, or float64 for a float64 model.
 """
 
 from __future__ import annotations
@@ -34,13 +36,13 @@ _DOT_CHUNKING = {"cpu": (1 << 18, True)}
 _DOT_CHUNKING_DEFAULT = (1 << 25, False)
 
 
-def _token_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over every dimension but the last, accumulated in float32."""
-    return t.reshape(-1, t.shape[-1]).sum(dim=0, dtype=torch.float32)
+def _token_sum(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sum over every dimension but the last, accumulated in ``dtype``."""
+    return t.reshape(-1, t.shape[-1]).sum(dim=0, dtype=dtype)
 
 
-def _token_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum over tokens of a * b (per output feature), accumulated in float32, chunk by chunk."""
+def _token_dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """sum over tokens of a * b (per output feature), accumulated in ``dtype``, chunk by chunk."""
     a = a.reshape(-1, a.shape[-1])
     b = b.reshape(-1, b.shape[-1])
     elements, upcast = _DOT_CHUNKING.get(a.device.type, _DOT_CHUNKING_DEFAULT)
@@ -49,11 +51,11 @@ def _token_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     for start in range(0, a.shape[0], rows):
         a_rows, b_rows = a[start : start + rows], b[start : start + rows]
         if upcast:
-            part = (a_rows.float() * b_rows.float()).sum(dim=0)
+            part = (a_rows.to(dtype) * b_rows.to(dtype)).sum(dim=0)
         else:
-            part = torch.mul(a_rows, b_rows).sum(dim=0, dtype=torch.float32)
+            part = torch.mul(a_rows, b_rows).sum(dim=0, dtype=dtype)
         out = part if out is None else out.add_(part)
-    return out if out is not None else torch.zeros(a.shape[1], dtype=torch.float32, device=a.device)
+    return out if out is not None else torch.zeros(a.shape[1], dtype=dtype, device=a.device)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -65,7 +67,7 @@ class DoraCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result, h, lora_B, base_d, magnitude, inv_norm, bias, scaling, in_place):
         dtype = result.dtype
-        scale32 = magnitude.float() * inv_norm
+        scale32 = magnitude.to(inv_norm.dtype) * inv_norm
         scale = scale32.to(dtype)
         if h is not None:
             h_rows, b_t = _rows(h).to(dtype), lora_B.to(dtype).t()
@@ -78,7 +80,7 @@ class DoraCombine(torch.autograd.Function):
             # scale * (y - b) + b, as scale * y + (1 - scale) * b.
             y.mul_(scale)
             if bias is not None:
-                y.add_((bias.float() * (1 - scale32)).to(dtype))
+                y.add_((bias.to(scale32.dtype) * (1 - scale32)).to(dtype))
             saved = y
         else:
             base_d = base_d.to(dtype)
@@ -95,17 +97,18 @@ class DoraCombine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         saved, h, lora_B, magnitude, inv_norm, bias = ctx.saved_tensors
-        m32 = magnitude.float()
+        acc = inv_norm.dtype
+        m32 = magnitude.to(acc)
         scale32 = m32 * inv_norm
         grad_m = None
         if ctx.needs_input_grad[4]:
             if ctx.dropout:
-                grad_m = _token_dot(grad, saved) * inv_norm
+                grad_m = _token_dot(grad, saved, acc) * inv_norm
             else:
                 # sum_t g * u / n with u = (y - b) / scale, i.e. (sum_t g * y - b * sum_t g) / m.
-                gy = _token_dot(grad, saved)
+                gy = _token_dot(grad, saved, acc)
                 if bias is not None:
-                    gy = gy - bias.float() * _token_sum(grad)
+                    gy = gy - bias.to(acc) * _token_sum(grad, acc)
                 grad_m = gy / m32.masked_fill(m32 == 0, float("inf"))
             grad_m = grad_m.to(magnitude.dtype)
         grad_h = grad_lora_B = None
@@ -114,11 +117,11 @@ class DoraCombine(torch.autograd.Function):
             factor = (scale32 * ctx.scaling).unsqueeze(1)
             grad_rows = _rows(grad)
             if ctx.needs_input_grad[1]:
-                b_scaled = (lora_B.float() * factor).to(grad.dtype)
+                b_scaled = (lora_B.to(acc) * factor).to(grad.dtype)
                 grad_h = (grad_rows @ b_scaled).view(h.shape).to(h.dtype)
             if ctx.needs_input_grad[2]:
                 product = grad_rows.t() @ _rows(h).to(grad.dtype)
-                grad_lora_B = (product.float() * factor).to(lora_B.dtype)
+                grad_lora_B = (product.to(acc) * factor).to(lora_B.dtype)
         grad_result = grad_base_d = None
         if ctx.dropout:
             if ctx.needs_input_grad[0]:

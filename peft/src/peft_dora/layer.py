@@ -2,7 +2,9 @@
 
 PEFT keeps target matching, wrapping, saving and merging; this module supplies the DoRA maths:
 the closed-form norm (``norm.py``), the fused output (``function.py``), the norm cache and merging,
-and gives ``lora_A`` the CPU's faster products (``down.py``).
+and gives ``lora_A`` the CPU's faster products (``down.py``). A bitsandbytes 4-bit or 8-bit base
+layer (QDoRA) gives its output as it is; its W0 is read dequantized for the norm and a merge writes
+it back requantized (``quantized.py``).
 The magnitude lives where upstream PEFT keeps it (``lora_magnitude_vector[adapter].weight``), so
 checkpoints are interchangeable with upstream.
 """
@@ -11,18 +13,21 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from typing import Any
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from peft.tuners.lora import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraVariant
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import quantized
 from .down import DownLinear
 from .function import DoraCombine
-from .norm import dora_weight_norm, row_sq_norm
+from .norm import accumulation_dtype, dora_weight_norm, row_sq_norm
 
 _optimizer_generation = 0
 
@@ -102,14 +107,28 @@ def _gather_with(holder: nn.Module, param: torch.Tensor) -> None:
         register_external_parameter(holder, param)
 
 
-def _base_weight(module: DoraLinear) -> torch.Tensor:
-    """W0 as out x in (a view; transposed back for fan_in_fan_out layers)."""
-    weight = module.get_base_layer().weight
-    return weight.t() if module.fan_in_fan_out else weight
+class NormCache(dict):
+    """A layer's cached norms. A copy of the layer starts empty: its parameters are new tensors, which
+    the cached entries do not describe (and copying them would copy tensors for nothing)."""
+
+    def __deepcopy__(self, memo: dict) -> NormCache:
+        return NormCache()
+
+    def __reduce__(self):
+        return (NormCache, ())
+
+
+def base_weight(module: DoraLinear) -> torch.Tensor:
+    """W0 as out x in: a view of the weight (transposed back for fan_in_fan_out layers), or for a
+    bitsandbytes layer its dequantized values (a new tensor)."""
+    base = module.get_base_layer()
+    if quantized.kind(base) is not None:
+        return quantized.dequantize(base)
+    return base.weight.t() if module.fan_in_fan_out else base.weight
 
 
 def weight_norm(module: DoraLinear, adapter: str) -> torch.Tensor:
-    """||W0 + sBA||_row in float32, reused while W0, A, B and s are unchanged."""
+    """||W0 + sBA||_row in float32 (float64 for float64 weights), reused while W0, A, B and s are unchanged."""
     return _norm_and_inverse(module, adapter)[0]
 
 
@@ -132,11 +151,12 @@ def _norm_and_inverse(module: DoraLinear, adapter: str) -> tuple[torch.Tensor, t
     if cached is not None and cached[0] == key:
         return cached[1:]
     with _gathered(base.weight, lora_A, lora_B):
-        weight = _base_weight(module)
-        sq_key = (_param_key(base.weight), weight.dtype, weight.device)
+        weight = base_weight(module)
+        dtype = accumulation_dtype(weight, lora_A, lora_B)
+        sq_key = (_param_key(base.weight), weight.dtype, weight.device, dtype)
         sq = module._dora_norm_cache.get("__w0_sq__")
         if sq is None or sq[0] != sq_key:
-            sq = (sq_key, row_sq_norm(weight))
+            sq = (sq_key, row_sq_norm(weight, dtype))
             module._dora_norm_cache["__w0_sq__"] = sq
         norm = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sq_norm=sq[1])
     entry = (key, norm, norm.reciprocal())
@@ -152,26 +172,33 @@ class DoraVariant(LoraVariant):
 
     @staticmethod
     def init(module: DoraLinear, adapter_name: str, **kwargs: Any) -> None:
+        """m = ||W0 + sBA||_row, i.e. ||W0|| with B = 0: the wrapped layer starts equal to its base layer.
+        For a quantized base W0 is its dequantized weight, so the start equals the quantized layer."""
         lora_A = module.lora_A[adapter_name].weight
         if getattr(module, "_dora_magnitude_only", {}).get(adapter_name):
             with torch.no_grad():
                 module.lora_A[adapter_name].weight.zero_()
-        norm = weight_norm(module, adapter_name)
-        module.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.to(device=lora_A.device, dtype=lora_A.dtype))
+        tensors = (lora_A, module.lora_B[adapter_name].weight, module.get_base_layer().weight)
+        if any(t.is_meta for t in tensors):
+            # PEFT's low_cpu_mem_usage: A and B stay empty until a checkpoint is loaded into them, and so does m.
+            magnitude = torch.empty(module.out_features, dtype=lora_A.dtype, device="meta")
+        else:
+            magnitude = weight_norm(module, adapter_name).to(device=lora_A.device, dtype=lora_A.dtype)
+        module.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude)
 
     @staticmethod
     def _factor(module: DoraLinear, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(m / n as a column, n) for merging, both float32."""
+        """(m / n as a column, n) for merging, both in the norm's dtype."""
         norm = weight_norm(module, adapter)
-        magnitude = module.lora_magnitude_vector[adapter].weight.detach().float()
+        magnitude = module.lora_magnitude_vector[adapter].weight.detach().to(norm.dtype)
         return (magnitude / norm).unsqueeze(1), norm
 
     @staticmethod
     def _merged(module: DoraLinear, adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
         factor, norm = DoraVariant._factor(module, adapter)
         module._cache_store(f"{adapter}-dora-norm", norm)
-        delta = module.get_delta_weight(adapter).float()
-        weight = orig_weight.float()
+        delta = module.get_delta_weight(adapter).to(norm.dtype)
+        weight = orig_weight.to(norm.dtype)
         if module.fan_in_fan_out:
             return (factor.t() * (weight + delta)).to(orig_weight.dtype)
         return (factor * (weight + delta)).to(orig_weight.dtype)
@@ -187,12 +214,12 @@ class DoraVariant(LoraVariant):
     @staticmethod
     def unmerge(module: DoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
         norm = module._cache_pop(f"{active_adapter}-dora-norm")
-        magnitude = module.lora_magnitude_vector[active_adapter].weight.detach().float()
+        magnitude = module.lora_magnitude_vector[active_adapter].weight.detach().to(norm.dtype)
         factor = (magnitude / norm).unsqueeze(1)
         if module.fan_in_fan_out:
             factor = factor.t()
-        delta = module.get_delta_weight(active_adapter).float()
-        return (orig_weight.data.float() / factor - delta).to(orig_weight.dtype)
+        delta = module.get_delta_weight(active_adapter).to(norm.dtype)
+        return (orig_weight.data.to(norm.dtype) / factor - delta).to(orig_weight.dtype)
 
     @staticmethod
     def forward(module: DoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any):
@@ -225,16 +252,22 @@ class DoraVariant(LoraVariant):
 
 
 class DoraLinear(LoraLinear):
-    """PEFT's LoRA ``Linear`` whose DoRA variant is this project's."""
+    """PEFT's LoRA ``Linear`` whose DoRA variant is this project's, over a float or bitsandbytes layer."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> None:
-        self._dora_norm_cache = {}
+        self._dora_norm_cache = NormCache()
         self._dora_magnitude_only = {}
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
 
     @property
     def lora_variants(self):
         return {(): None, ("use_dora",): DoraVariant}
+
+    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs: Any) -> LoraVariant | None:
+        # A DoraConfig declares its own variant field (``peft_dora``), which only this class resolves.
+        if config.use_dora:
+            return DoraVariant()
+        return super().resolve_lora_variant(config=config, **kwargs)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs: Any) -> None:
         target_name = kwargs.get("target_name", "")
@@ -250,10 +283,47 @@ class DoraLinear(LoraLinear):
             # Same module, parameters and hooks; only its forward's kernels change (see down.py).
             self.lora_A[adapter_name].__class__ = DownLinear
         if self._dora_magnitude_only.get(adapter_name):
+            # On the base weight's device even when PEFT builds the adapter on the meta device: constant zeros.
+            device = self.get_base_layer().weight.device
             for holder in (self.lora_A[adapter_name], self.lora_B[adapter_name]):
                 weight = holder.weight
                 del holder.weight
-                holder.register_buffer("weight", torch.zeros_like(weight.data))
+                holder.register_buffer("weight", torch.zeros(weight.shape, dtype=weight.dtype, device=device))
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """PEFT's merge; for a bitsandbytes base: dequantize, merge, requantize, keeping the weight it
+        replaces so that ``unmerge`` restores it bit for bit (requantizing twice would not)."""
+        base = self.get_base_layer()
+        if quantized.kind(base) is None:
+            super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            return
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            if adapter not in self.lora_A:
+                continue
+            weight = quantized.dequantize(base)
+            if adapter in self.lora_variant:
+                merged = self.lora_variant[adapter].merge_safe(self, adapter, weight)
+                self._caches.pop(f"{adapter}-dora-norm", None)  # unmerge restores the kept weight instead
+            else:
+                merged = weight + self.get_delta_weight(adapter).to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+            self._cache_store(f"{adapter}-quantized-weight", quantized.current(base))
+            quantized.install(base, quantized.quantize_like(base, merged))
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        base = self.get_base_layer()
+        if quantized.kind(base) is None:
+            super().unmerge()
+            return
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.lora_A:
+                quantized.install(base, self._cache_pop(f"{adapter}-quantized-weight"))
 
     def __repr__(self) -> str:
         return "dora." + super().__repr__()

@@ -4,7 +4,8 @@
                    = ||W0||_row^2 + 2s * rowsum(B * (W0 A^T + (s/2) B (A A^T)))
 
 The largest temporaries are out x r and r x r. Everything is accumulated in float32 whatever the
-dtype of W0, because the norm divides the magnitude and its rounding error is felt by every output.
+dtype of W0, because the norm divides the magnitude and its rounding error is felt by every output;
+in float64 when W0 or the adapter is float64, whose users expect float64's accuracy.
 """
 
 from __future__ import annotations
@@ -17,21 +18,29 @@ from . import onednn
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def _row_chunks(weight: torch.Tensor):
+def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any of ``tensors`` is float64, float32 otherwise (the norm's and DoRA scale's dtype)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _row_chunks(weight: torch.Tensor, dtype: torch.dtype):
     rows = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[1]))
     for start in range(0, weight.shape[0], rows):
-        yield weight[start : start + rows].float()
+        yield weight[start : start + rows].to(dtype)
 
 
-def row_sq_norm(weight: torch.Tensor) -> torch.Tensor:
-    """Squared L2 norm of each row of ``weight`` (out x in), in float32."""
-    if weight.dtype == torch.float32:
+@torch.no_grad()
+def row_sq_norm(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Squared L2 norm of each row of ``weight`` (out x in), detached, in ``dtype``
+    (default: ``accumulation_dtype(weight)``)."""
+    dtype = dtype or accumulation_dtype(weight)
+    if weight.dtype == dtype:
         return torch.linalg.vector_norm(weight, dim=1).square()
-    return torch.cat([torch.linalg.vector_norm(chunk, dim=1).square() for chunk in _row_chunks(weight)])
+    return torch.cat([torch.linalg.vector_norm(chunk, dim=1).square() for chunk in _row_chunks(weight, dtype)])
 
 
 def weight_times_at(weight: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """W0 @ A^T (out x r) in float32, given A (r x in) in float32; W0 in row chunks unless float32.
+    """W0 @ A^T (out x r) in A's dtype (float32 or float64); W0 in row chunks unless already in it.
 
     On a CPU the product goes through oneDNN: for this shape (r columns, thousands of rows) its
     float32 kernel ran 1.2-1.7x faster than the BLAS behind ``torch.mm`` on the CPU measured (an
@@ -47,9 +56,9 @@ def weight_times_at(weight: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
             return onednn.times_packed(w, packed)
         return w @ a.t()
 
-    if weight.dtype == torch.float32:
+    if weight.dtype == a.dtype:
         return times(weight)
-    return torch.cat([times(chunk) for chunk in _row_chunks(weight)])
+    return torch.cat([times(chunk) for chunk in _row_chunks(weight, a.dtype)])
 
 
 @torch.no_grad()
@@ -60,14 +69,15 @@ def dora_weight_norm(
     scaling: float,
     weight_sq_norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Row norms of ``weight + scaling * lora_B @ lora_A`` (float32, detached).
+    """Row norms of ``weight + scaling * lora_B @ lora_A`` (detached, in ``accumulation_dtype``).
 
-    ``weight`` is W0 as out x in; ``weight_sq_norm`` may pass the constant ||W0||_row^2.
+    ``weight`` is W0 as out x in; ``weight_sq_norm`` may pass the constant ||W0||_row^2 (in that dtype).
     """
+    dtype = accumulation_dtype(weight, lora_A, lora_B)
     if weight_sq_norm is None:
-        weight_sq_norm = row_sq_norm(weight)
-    a = lora_A.float()
-    b = lora_B.float()
+        weight_sq_norm = row_sq_norm(weight, dtype)
+    a = lora_A.to(dtype)
+    b = lora_B.to(dtype)
     # Both terms as one row dot with B: rowsum(B * (W0 A^T + (s/2) B A A^T)) = cross + (s/2) quad,
     # with one out x r temporary, written in place.
     terms = weight_times_at(weight, a).addmm_(b, a @ a.t(), alpha=scaling / 2)
