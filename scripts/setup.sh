@@ -2,7 +2,8 @@
 # Create .venv at the repository root and install llava and peft-dora into it (editable),
 # with the pinned releases below. Idempotent: a second run only checks and returns.
 #   bash scripts/setup.sh            CPU / default install
-#   EXTRAS=gpu bash scripts/setup.sh  also flash-attn and bitsandbytes (needs CUDA)
+#   EXTRAS=gpu bash scripts/setup.sh  also flash-attn (needs CUDA)
+# bitsandbytes (--bits 4/8, QDoRA) is a default dependency: its 4-bit and 8-bit layers also run on a CPU.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -33,7 +34,7 @@ pip_install "torch==2.13.0"
 echo "setup: installing llava and peft-dora (editable)"
 pip_install -e "$ROOT/peft" -e "$ROOT[test]"
 if [ "${EXTRAS:-}" = "gpu" ]; then
-  echo "setup: installing the GPU extras (flash-attn, bitsandbytes)"
+  echo "setup: installing the GPU extras (flash-attn)"
   pip_install -e "$ROOT[gpu]" --no-build-isolation
 fi
 echo "$WANT" > "$STAMP"
