@@ -269,8 +269,8 @@ def test_merge_requantizes_and_unmerge_restores_the_quantized_weight(kind):
     model.train()
     x = torch.randn(5, 128)
     before = model(x).detach()
+    # "down" is magnitude-only: its A and B are zero buffers, so its reference is m / ||W0|| * W0.
     refs = {name: Reference(model.base_model.model.get_submodule(name), weights[name]) for name in ("up", "down")}
-    refs["down"].a = refs["down"].b = torch.zeros(1, 1, dtype=torch.float64)  # magnitude-only: no A, B
     originals = {name: model.base_model.model.get_submodule(name).get_base_layer().weight.data.clone()
                  for name in ("up", "down")}
 
@@ -343,6 +343,11 @@ def test_adapter_save_load_round_trip(tmp_path, kind):
     ours, report = load_dora_adapter(quantized_model(kind), tmp_path)
     assert report.dora_layers == 2 and report.magnitude_only_layers == 1
     torch.testing.assert_close(ours(x), expected, rtol=1e-6, atol=1e-6)
+    # The seed loader's mode (m = ||W0||) reads W0 dequantized too.
+    seed_like, _ = load_dora_adapter(quantized_model(kind), tmp_path, magnitudes="weight_norm")
+    w0 = forward_weight(quantized_model(kind).up)
+    m = seed_like.base_model.model.up.lora_magnitude_vector["default"].weight
+    torch.testing.assert_close(m.double(), torch.linalg.norm(w0, dim=1), rtol=1e-6, atol=0)
 
 
 @pytest.fixture(scope="module")

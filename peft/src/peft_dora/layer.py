@@ -172,8 +172,9 @@ class DoraVariant(LoraVariant):
 
     @staticmethod
     def init(module: DoraLinear, adapter_name: str, **kwargs: Any) -> None:
-        """m = ||W0 + sBA||_row, i.e. ||W0|| with B = 0: the wrapped layer starts equal to its base layer.
-        For a quantized base W0 is its dequantized weight, so the start equals the quantized layer."""
+        """m = ||W0 + sBA||_row (||W0|| with PEFT's B = 0: the wrapped layer starts equal to its base layer).
+        For a bitsandbytes base W0 is the dequantized weight it multiplies by, so the wrapped layer starts
+        equal to the quantized layer, not to the float layer it was quantized from."""
         lora_A = module.lora_A[adapter_name].weight
         if getattr(module, "_dora_magnitude_only", {}).get(adapter_name):
             with torch.no_grad():
