@@ -206,3 +206,23 @@ def test_7b_eval_dora_sh_evaluates_both_modes_into_labelled_rows(checkpoint, tmp
     mixed = run_eval("dora-trained", seed_dir, eval_dir, results, llava_dir, "weight_norm")
     assert mixed.returncode == 2
     assert "DORA_MAGNITUDES=trained" in mixed.stderr and "another CKPT name" in mixed.stderr
+
+
+@pytest.mark.parametrize("bits", ["load_8bit", "load_4bit"])
+def test_quantized_loads_keep_the_adapter_unmerged_over_the_quantized_base(checkpoint, bits):
+    """Merging would round the merged weight to 4/8 bits again: the DoRA layers stay, over bitsandbytes layers."""
+    import bitsandbytes as bnb
+
+    from peft_dora import DoraLinear
+
+    llava_dir, seed_dir, written = checkpoint
+    _, model, processor, _ = load_pretrained_model(str(seed_dir), str(llava_dir), device="cpu",
+                                                   torch_dtype=torch.float32, **{bits: True})
+    layers = [m for m in model.modules() if isinstance(m, DoraLinear)]
+    assert len(layers) == len(written["layers"])
+    assert all(isinstance(m.get_base_layer(), (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)) for m in layers)
+    projector = model.get_model().mm_projector.state_dict()
+    assert all(torch.equal(projector[k], v) for k, v in written["projector"].items())  # loaded unquantized
+    want = logits(hand_merged(llava_dir, written, "trained"), processor)
+    error = (logits(model, processor) - want).abs().max() / want.abs().max()
+    assert error < {"load_8bit": 0.01, "load_4bit": 0.05}[bits], error  # quantization error only (measured 0.1%, 1.5%)

@@ -179,9 +179,10 @@ def load_pretrained_model(
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_8bit=load_8bit,
             load_in_4bit=load_4bit,
-            bnb_4bit_compute_dtype=torch.float16,
+            bnb_4bit_compute_dtype=torch_dtype,
             bnb_4bit_use_double_quant=True,
             bnb_4bit_quant_type="nf4",
+            llm_int8_skip_modules=["model.mm_projector", "lm_head"],  # the projector loads from its own file, unquantized
         )
     if use_flash_attn:
         kwargs["attn_implementation"] = "flash_attention_2"
@@ -218,7 +219,9 @@ def load_pretrained_model(
     if vision_tower is None:
         raise ValueError(f"{model_path}: the config names no vision tower (mm_vision_tower); is this a LLaVA model?")
     vision_tower.load_model(device_map=kwargs["device_map"])
-    if device_map is None:
+    if "quantization_config" in kwargs:
+        vision_tower.to(device=device, dtype=torch_dtype)  # a quantized model cannot be cast as a whole
+    elif device_map is None:
         model.to(device=device, dtype=torch_dtype)
     model.eval()
     context_len = getattr(model.config, "max_sequence_length", 2048)
@@ -268,6 +271,11 @@ def _load_adapter_model(model_path: str, model_base: str, missing_magnitudes: st
         peft_model, _ = load_dora_adapter(
             model, model_path, missing_magnitudes=missing_magnitudes, magnitudes=dora_magnitudes
         )
+    if "quantization_config" in kwargs:
+        # Merging into 4/8-bit weights would round the merged weight again; the unmerged layers compute the
+        # adapter exactly on top of the quantized base.
+        logger.info("Quantized base: the adapter stays unmerged")
+        return peft_model.get_base_model(), tokenizer
     model = peft_model.merge_and_unload()
     logger.info("Merged the adapter into the base weights")
     return model, tokenizer
