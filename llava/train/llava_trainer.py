@@ -3,7 +3,7 @@
 Every checkpoint (intermediate or final) of an adapter run holds ``config.json``, the adapter and
 ``non_lora_trainables.safetensors`` (the projector), so any checkpoint can be evaluated or resumed.
 The loss is weighted as the seed's (``--loss_weighting``); under ZeRO-3 the DoRA norms are computed
-right after each optimizer step, outside any forward (``refresh_dora_norms``).
+between optimizer steps, outside any forward (``refresh_dora_norms``).
 """
 
 from __future__ import annotations
@@ -159,13 +159,13 @@ def _atomic_safetensors_save(tensors: dict[str, torch.Tensor], path: Path) -> No
 
 
 def refresh_dora_norms(model: torch.nn.Module) -> int:
-    """Compute every DoRA layer's norm now, outside any forward; returns how many were computed.
+    """Compute every DoRA layer's norm now, outside any forward; returns how many layers were visited.
 
     Under ZeRO-3 a layer gathers W0, A and B for its norm, and refuses to while DeepSpeed is still
-    prefetching one of them. The norm changes only when the optimizer steps; computed right after the
-    step, every forward until the next step reads it from the layer's cache and gathers nothing for
-    it. (The run's first forward computes it itself, but DeepSpeed prefetches nothing before it has
-    recorded one whole step.)
+    prefetching one of them. The norm is cached by the layer until the optimizer steps or ZeRO-3
+    rewrites a parameter's partition (a save's gather writes them back), so computed here, where
+    nothing is in flight, the forwards that follow read it from the cache and gather nothing for it.
+    A layer whose cache holds is not recomputed.
     """
     from peft_dora.layer import DoraLinear, weight_norm
 
@@ -179,7 +179,15 @@ def refresh_dora_norms(model: torch.nn.Module) -> int:
 
 
 class RefreshDoraNorms(TrainerCallback):
-    """``refresh_dora_norms`` after every optimizer step (added by ``LLaVATrainer`` under ZeRO-3)."""
+    """``refresh_dora_norms`` before each optimizer step's first forward and after its update.
+
+    Added by ``LLaVATrainer`` under ZeRO-3. Before: after a checkpoint save or an evaluation, nothing
+    else runs before the forward. After: so that an evaluation right after the step reads the norms too.
+    """
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            refresh_dora_norms(model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
