@@ -25,7 +25,7 @@ def test_quick_demo_runs_every_stage_and_prints_the_table(tmp_path):
     assert (out / "projector" / "mm_projector.bin").exists()
     assert (out / "ft" / "model.safetensors").exists()
     for method in ("lora", "dora"):
-        for name in ("adapter_model.safetensors", "adapter_config.json", "non_lora_trainables.bin", "config.json"):
+        for name in ("adapter_model.safetensors", "adapter_config.json", "non_lora_trainables.safetensors", "config.json"):
             assert (out / method / name).exists(), out / method / name
     results = out / "results"
     for row in ("Base (untrained)", "FT", "LoRA", "DoRA"):
