@@ -9,8 +9,9 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import peft_dora
-from peft_dora import DoraConfig, dora_weight_norm, onednn
-from peft_dora.down import DownLinear
+from peft_dora import DoraConfig, dora_weight_norm
+from peft_dora.kernels import cpu as cpu_kernels
+from peft_dora.kernels import kernels, onednn
 from peft_dora.layer import DoraLinear
 
 
@@ -222,7 +223,7 @@ def test_zero_magnitude_entry_gets_zero_gradient_and_the_rest_exact():
 def test_magnitude_gradient_reduction_in_every_chunking_mode(monkeypatch, chunking, dtype):
     """The per-feature token dot behind m's gradient, as CPUs (small upcast chunks) and GPUs (large
     chunks, product in the operands' dtype, float32 sums) run it, and with ragged chunks."""
-    from peft_dora import function
+    from peft_dora.kernels import combine as function
 
     monkeypatch.setitem(function._DOT_CHUNKING, "cpu", chunking)
     torch.manual_seed(3)
@@ -248,9 +249,11 @@ def test_closed_form_norm_equals_direct_norm_float64(monkeypatch, use_onednn, tr
     w0, a, b = torch.randn(50, 40, dtype=torch.float64), torch.randn(6, 40, dtype=torch.float64), torch.randn(50, 6, dtype=torch.float64)
     direct = torch.linalg.norm(w0 + 0.7 * b @ a, dim=1)
     w0_32 = w0.float().t().contiguous().t() if transposed else w0.float()
-    closed = dora_weight_norm(w0_32, a.float(), b.float(), 0.7)
+    closed, inverse = kernels("cpu").weight_norm(w0_32, a.float(), b.float(), 0.7)
     assert closed.dtype == torch.float32
     torch.testing.assert_close(closed.double(), direct, rtol=2e-6, atol=0)
+    torch.testing.assert_close(inverse.double(), 1 / direct, rtol=2e-6, atol=0)
+    torch.testing.assert_close(dora_weight_norm(w0_32, a.float(), b.float(), 0.7).double(), direct, rtol=2e-6, atol=0)
 
 
 def test_onednn_probe_leaves_the_random_stream_alone(monkeypatch):
@@ -262,20 +265,25 @@ def test_onednn_probe_leaves_the_random_stream_alone(monkeypatch):
 
 
 def test_down_projection_equals_float64_linear_and_accumulates(monkeypatch):
-    """lora_A of this project's layers: oneDNN's forward and A's reordered gradient give nn.Linear's
+    """The CPU kernels' down projection: oneDNN's forward and A's reordered gradient give nn.Linear's
     values (float64 reference), also when a second backward adds to the stored gradients; under
-    autocast and for a strided input it is nn.Linear itself."""
+    autocast, for a strided input and for a lora_A with hooks it is nn.Linear itself. lora_A stays a
+    plain nn.Linear."""
     if not onednn.works():
         pytest.skip("this torch build has no working oneDNN linear")
     _, model = dora_model()
     randomise(model)
-    down = model.base_model.model.up.lora_A["default"]
-    assert type(down) is DownLinear
+    lora_A = model.base_model.model.up.lora_A["default"]
+    assert type(lora_A) is nn.Linear
+
+    def down(x):
+        return cpu_kernels.KERNELS.down(lora_A, x)
+
     monkeypatch.setattr(onednn, "_ONEDNN_MIN_MACS", 0)
     calls = []
     packed_product = onednn.times_packed
     monkeypatch.setattr(onednn, "times_packed", lambda *args: calls.append(1) or packed_product(*args))
-    a64 = down.weight.detach().double().requires_grad_()
+    a64 = lora_A.weight.detach().double().requires_grad_()
     for _ in range(2):
         x = torch.randn(3, 5, 12, requires_grad=True)
         g = torch.randn(3, 5, 4)
@@ -285,14 +293,19 @@ def test_down_projection_equals_float64_linear_and_accumulates(monkeypatch):
         (h * g).sum().backward()
         (ref * g.double()).sum().backward()
         torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(down.weight.grad.double(), a64.grad, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lora_A.weight.grad.double(), a64.grad, rtol=1e-6, atol=1e-6)
     assert len(calls) == 2
-    assert down.weight.grad.is_contiguous()
+    assert lora_A.weight.grad.is_contiguous()
     x = torch.randn(12, 5).t()
     torch.testing.assert_close(down(x).double(), x.double() @ a64.detach().T, rtol=1e-6, atol=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert down(torch.randn(5, 12)).dtype == torch.bfloat16
     assert len(calls) == 2
+    seen = []
+    handle = lora_A.register_forward_hook(lambda *args: seen.append(1))
+    assert down(torch.randn(5, 12)).shape == (5, 4)
+    handle.remove()
+    assert seen == [1] and len(calls) == 2
 
 
 def test_closed_form_norm_is_accurate_for_bf16_weights():
@@ -403,15 +416,18 @@ def test_magnitude_only_modules():
 
 
 class CountingNorm:
+    """Counts the norms the CPU's default kernels compute."""
+
     def __init__(self, monkeypatch):
         self.calls = 0
-        real = peft_dora.layer.dora_weight_norm
+        backend = kernels("cpu")
+        real = backend.weight_norm
 
         def counted(*args, **kwargs):
             self.calls += 1
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(peft_dora.layer, "dora_weight_norm", counted)
+        monkeypatch.setattr(backend, "weight_norm", counted)
 
 
 def test_norm_is_reused_across_accumulation_and_recomputed_after_a_step(monkeypatch):

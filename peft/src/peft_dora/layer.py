@@ -1,8 +1,9 @@
 """This project's DoRA layer, plugged into PEFT's LoRA ``Linear`` as a LoRA variant.
 
-PEFT keeps target matching, wrapping, saving and merging; this module supplies the DoRA maths:
-the closed-form norm (``norm.py``), the fused output (``function.py``), the norm cache and merging,
-and gives ``lora_A`` the CPU's faster products (``down.py``). A bitsandbytes 4-bit or 8-bit base
+PEFT keeps target matching, wrapping, saving and merging; this module supplies the DoRA maths: the
+closed-form norm (``norm.py``) and its cache, the output combination and merging. The layer is
+device-neutral: the kernels for the norm, the down projection and the combination come from the
+backend ``kernels.select`` picks for the output's device and dtype (``kernels/``). A bitsandbytes 4-bit or 8-bit base
 layer (QDoRA) gives its output as it is; its W0 is read dequantized for the norm and a merge writes
 it back requantized (``quantized.py``).
 The magnitude lives where upstream PEFT keeps it (``lora_magnitude_vector[adapter].weight``), so
@@ -24,10 +25,9 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import kernels as dora_kernels
 from . import quantized
-from .down import DownLinear
-from .function import DoraCombine
-from .norm import accumulation_dtype, dora_weight_norm, row_sq_norm
+from .norm import accumulation_dtype, row_sq_norm
 
 _optimizer_generation = 0
 
@@ -92,8 +92,8 @@ class DoraMagnitude(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(magnitude)
 
-    def forward(self, result, h, lora_B, base_d, inv_norm, bias, scaling, in_place=False):
-        return DoraCombine.apply(result, h, lora_B, base_d, self.weight, inv_norm, bias, scaling, in_place)
+    def forward(self, result, h, lora_B, base_d, inv_norm, bias, scaling, in_place, kernels):
+        return kernels.combine(result, h, lora_B, base_d, self.weight, inv_norm, bias, scaling, in_place)
 
 
 def _gather_with(holder: nn.Module, param: torch.Tensor) -> None:
@@ -128,16 +128,24 @@ def base_weight(module: DoraLinear) -> torch.Tensor:
 
 
 def weight_norm(module: DoraLinear, adapter: str) -> torch.Tensor:
-    """||W0 + sBA||_row in float32 (float64 for float64 weights), reused while W0, A, B and s are unchanged."""
-    return _norm_and_inverse(module, adapter)[0]
+    """||W0 + sBA||_row in float32 (float64 for float64 weights), reused while W0, A, B and s are unchanged.
+
+    For initialisation and merging: always the default kernels of the adapter's device (see ``kernels``).
+    """
+    lora_A = module.lora_A[adapter].weight
+    return _norm_and_inverse(module, adapter, dora_kernels.default_kernels(lora_A.device, lora_A.dtype))[0]
 
 
-def _norm_and_inverse(module: DoraLinear, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _norm_and_inverse(module: DoraLinear, adapter: str, kernels) -> tuple[torch.Tensor, torch.Tensor]:
     base = module.get_base_layer()
     lora_A = module.lora_A[adapter].weight
     lora_B = module.lora_B[adapter].weight
     scaling = module.scaling[adapter]
+    if torch.compiler.is_compiling():
+        # A compiled graph cannot key a cache on storage addresses; the norm becomes part of the graph.
+        return kernels.weight_norm(base_weight(module), lora_A.detach(), lora_B.detach(), scaling)
     key = (
+        kernels.name,
         _optimizer_generation,
         _param_key(base.weight),
         _param_key(lora_A),
@@ -152,16 +160,22 @@ def _norm_and_inverse(module: DoraLinear, adapter: str) -> tuple[torch.Tensor, t
         return cached[1:]
     with _gathered(base.weight, lora_A, lora_B):
         weight = base_weight(module)
-        dtype = accumulation_dtype(weight, lora_A, lora_B)
-        sq_key = (_param_key(base.weight), weight.dtype, weight.device, dtype)
-        sq = module._dora_norm_cache.get("__w0_sq__")
-        if sq is None or sq[0] != sq_key:
-            sq = (sq_key, row_sq_norm(weight, dtype))
-            module._dora_norm_cache["__w0_sq__"] = sq
-        norm = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sq_norm=sq[1])
-    entry = (key, norm, norm.reciprocal())
+        sq = _weight_sq_norm(module, weight, lora_A, lora_B) if kernels.reuses_weight_sq_norm else None
+        norm, inv_norm = kernels.weight_norm(weight, lora_A.detach(), lora_B.detach(), scaling, weight_sq_norm=sq)
+    entry = (key, norm, inv_norm)
     module._dora_norm_cache[adapter] = entry
     return entry[1:]
+
+
+def _weight_sq_norm(module: DoraLinear, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor):
+    """||W0||_row^2 in the norm's dtype, cached while W0 is unchanged (it is frozen)."""
+    dtype = accumulation_dtype(weight, lora_A, lora_B)
+    sq_key = (_param_key(module.get_base_layer().weight), weight.dtype, weight.device, dtype)
+    sq = module._dora_norm_cache.get("__w0_sq__")
+    if sq is None or sq[0] != sq_key:
+        sq = (sq_key, row_sq_norm(weight, dtype))
+        module._dora_norm_cache["__w0_sq__"] = sq
+    return sq[1]
 
 
 class DoraVariant(LoraVariant):
@@ -224,15 +238,14 @@ class DoraVariant(LoraVariant):
 
     @staticmethod
     def forward(module: DoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any):
+        kernels = dora_kernels.select(result.device, result.dtype)
         base = module.get_base_layer()
         dropout = module.lora_dropout[active_adapter]
         if isinstance(dropout, nn.Identity) or not module.training:
             x_d, base_d = x, None
         else:
             x_d = dropout(x)
-            base_d = base(x_d.to(result.dtype))
-            if base.bias is not None:
-                base_d = base_d - base.bias
+            base_d = base(x_d.to(result.dtype))  # W0 x_d + b: the combination takes the bias out
         # The first adapter gets the base layer's fresh output, which nothing else reads, and may write
         # over it; a later one gets the previous adapter's output, which that adapter keeps for backward.
         first = next((a for a in module.active_adapters if a in module.lora_A), None) == active_adapter
@@ -240,16 +253,16 @@ class DoraVariant(LoraVariant):
         holder = module.lora_magnitude_vector[active_adapter]
         h = lora_B = None
         if not magnitude_only:
-            h = module.lora_A[active_adapter](x_d)
+            h = kernels.down(module.lora_A[active_adapter], x_d)
             lora_B = module.lora_B[active_adapter].weight
             _gather_with(holder, lora_B)
-        inv_norm = _norm_and_inverse(module, active_adapter)[1]
+        inv_norm = _norm_and_inverse(module, active_adapter, kernels)[1]
         bias = None
         if base.bias is not None:
             with _gathered(base.bias):
                 # A copy when partitioned: the function keeps the bias for backward.
                 bias = base.bias.detach().clone() if hasattr(base.bias, "ds_id") else base.bias.detach()
-        return holder(result, h, lora_B, base_d, inv_norm, bias, module.scaling[active_adapter], first)
+        return holder(result, h, lora_B, base_d, inv_norm, bias, module.scaling[active_adapter], first, kernels)
 
 
 class DoraLinear(LoraLinear):
@@ -280,9 +293,6 @@ class DoraLinear(LoraLinear):
             r = 1
             config.rank_pattern[re.escape(target_name)] = 1
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
-        if type(self.lora_A[adapter_name]) is nn.Linear:
-            # Same module, parameters and hooks; only its forward's kernels change (see down.py).
-            self.lora_A[adapter_name].__class__ = DownLinear
         if self._dora_magnitude_only.get(adapter_name):
             # On the base weight's device even when PEFT builds the adapter on the meta device: constant zeros.
             device = self.get_base_layer().weight.device

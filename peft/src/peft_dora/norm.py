@@ -10,9 +10,12 @@ in float64 when W0 or the adapter is float64, whose users expect float64's accur
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-from . import onednn
+# W0 rows (in A's dtype) times A^T.
+Product = Callable[[torch.Tensor], torch.Tensor]
 
 # Rows of a low-precision W0 converted to float32 at a time: bounds the temporary to ~16 MiB.
 _CHUNK_ELEMENTS = 1 << 22
@@ -39,23 +42,13 @@ def row_sq_norm(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch
     return torch.cat([torch.linalg.vector_norm(chunk, dim=1).square() for chunk in _row_chunks(weight, dtype)])
 
 
-def weight_times_at(weight: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def weight_times_at(weight: torch.Tensor, a: torch.Tensor, times: Product | None = None) -> torch.Tensor:
     """W0 @ A^T (out x r) in A's dtype (float32 or float64); W0 in row chunks unless already in it.
 
-    On a CPU the product goes through oneDNN: for this shape (r columns, thousands of rows) its
-    float32 kernel ran 1.2-1.7x faster than the BLAS behind ``torch.mm`` on the CPU measured (an
-    AVX-512 EPYC; benchmarks/dora_layer.py), with the same float32 arithmetic, and this is the one
-    product DoRA adds to LoRA's per-step cost. Elsewhere (GPU, a strided W0, a small product, no
-    working oneDNN: see ``onednn.works``) it is a plain matmul. A is packed for oneDNN once.
+    ``times(rows)`` multiplies a contiguous or strided block of W0's rows, already in A's dtype, by A^T
+    (default: a plain matmul); a backend passes its own (the CPU's oneDNN product, ``kernels/cpu.py``).
     """
-    rows, cols = weight.shape
-    packed = onednn.pack(a) if onednn.worthwhile(a, rows * cols * a.shape[0]) else None
-
-    def times(w: torch.Tensor) -> torch.Tensor:
-        if packed is not None and w.is_contiguous():
-            return onednn.times_packed(w, packed)
-        return w @ a.t()
-
+    times = times or (lambda w: w @ a.t())
     if weight.dtype == a.dtype:
         return times(weight)
     return torch.cat([times(chunk) for chunk in _row_chunks(weight, a.dtype)])
@@ -68,10 +61,12 @@ def dora_weight_norm(
     lora_B: torch.Tensor,
     scaling: float,
     weight_sq_norm: torch.Tensor | None = None,
+    times_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = weight_times_at,
 ) -> torch.Tensor:
     """Row norms of ``weight + scaling * lora_B @ lora_A`` (detached, in ``accumulation_dtype``).
 
-    ``weight`` is W0 as out x in; ``weight_sq_norm`` may pass the constant ||W0||_row^2 (in that dtype).
+    ``weight`` is W0 as out x in; ``weight_sq_norm`` may pass the constant ||W0||_row^2 (in that dtype);
+    ``times_at(weight, a)`` computes W0 A^T in a's dtype (``weight_times_at`` by default).
     """
     dtype = accumulation_dtype(weight, lora_A, lora_B)
     if weight_sq_norm is None:
@@ -80,6 +75,6 @@ def dora_weight_norm(
     b = lora_B.to(dtype)
     # Both terms as one row dot with B: rowsum(B * (W0 A^T + (s/2) B A A^T)) = cross + (s/2) quad,
     # with one out x r temporary, written in place.
-    terms = weight_times_at(weight, a).addmm_(b, a @ a.t(), alpha=scaling / 2)
+    terms = times_at(weight, a).addmm_(b, a @ a.t(), alpha=scaling / 2)
     sq = torch.add(weight_sq_norm, torch.linalg.vecdot(b, terms), alpha=2.0 * scaling)
     return sq.clamp_min_(0.0).sqrt_()

@@ -1,10 +1,12 @@
-"""The DoRA output combination, LoRA's B product included, as one autograd function.
+"""The DoRA output combination, LoRA's B product included, as one autograd function (the ``torch``
+and ``cpu`` kernels' ``combine``).
 
 With n the (constant) row norm of W0 + sBA, scale = m / n and h = A x_d (x_d = dropout(x)):
 
-    y = result + (scale - 1) * base_d + scale * s * h B^T
+    y = result + (scale - 1) * (base_d - b) + scale * s * h B^T
 
-where result = W0 x + b and base_d = W0 x_d. Without dropout x_d = x and this is
+where result = W0 x + b and base_d = W0 x_d + b, the base layer's output for the dropped-out input.
+Without dropout x_d = x and this is
 y = scale * (W0 x + s h B^T) + b, built without any new batch x out buffer: when the caller says
 nobody else reads ``result`` (``in_place``; it is the base layer's fresh output), the B product is
 added to it inside the matrix multiplication and it is scaled in place; otherwise a copy is.
@@ -83,7 +85,8 @@ class DoraCombine(torch.autograd.Function):
                 y.add_((bias.to(scale32.dtype) * (1 - scale32)).to(dtype))
             saved = y
         else:
-            base_d = base_d.to(dtype)
+            # u = W0 x_d + s h B^T, the term that the scale multiplies (also what m's gradient needs).
+            base_d = base_d.to(dtype) if bias is None else base_d.to(dtype) - bias.to(dtype)
             u = base_d if h is None else torch.addmm(_rows(base_d), h_rows, b_t, alpha=scaling).view(base_d.shape)
             y.sub_(base_d).addcmul_(u, scale)
             saved = u
