@@ -623,6 +623,23 @@ def test_check_runs_before_any_sample_is_loaded(tmp_path, tokenizer, processor, 
     assert loaded == []
 
 
+def test_training_checks_the_data_before_it_loads_the_model(tmp_path, tiny_llama_tokenizer_dir):
+    """The tokenizer folder holds no weights: a run that loaded the model first would fail on that instead."""
+    import subprocess
+    import sys
+
+    write_dataset(tmp_path, [image_sample("first", "nowhere.png")])
+    command = [sys.executable, "-m", "llava.train.train", "--model_name_or_path", str(tiny_llama_tokenizer_dir),
+               "--version", "v1", "--data_path", str(tmp_path / "data.json"), "--image_folder", str(tmp_path),
+               "--vision_tower", str(tmp_path / "no-tower"), "--mm_use_im_patch_token", "False",
+               "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode != 0
+    assert "BadSamplesError" in result.stderr and "item 0 (id first): image 'nowhere.png' not found" in result.stderr
+    assert "Loading the language model" not in result.stderr
+
+
 def test_the_demo_data_passes_the_checks(tmp_path):
     """The generated mix665k-format data (finetuning mix and projector pretraining pairs) has no bad item."""
     from llava.demo.synthetic import generate

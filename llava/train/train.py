@@ -258,6 +258,18 @@ def train(attn_implementation: str | None = None) -> None:
     # Seed before the adapters are initialised so that a rerun (or a resumed run) is the same run.
     transformers.set_seed(training_args.seed)
     compute_dtype = compute_dtype_of(training_args)
+    if model_args.vision_tower is not None and (model_args.mm_use_im_patch_token or model_args.mm_use_im_start_end):
+        raise NotImplementedError("LLaVA-1.5 uses neither --mm_use_im_patch_token nor --mm_use_im_start_end.")
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path,
+        cache_dir=training_args.cache_dir,
+        model_max_length=training_args.model_max_length,
+        padding_side="right",
+    )
+    # The whole data file is checked here, in seconds, before minutes of loading a 7B model; the dataset
+    # reads the tokenizer's settings and the image processor only when it makes a sample.
+    data_module = make_supervised_data_module(tokenizer=tokenizer, data_args=data_args)
 
     load_kwargs = {}
     if training_args.bits in (4, 8):
@@ -266,7 +278,7 @@ def train(attn_implementation: str | None = None) -> None:
         load_kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=training_args.bits == 4,
             load_in_8bit=training_args.bits == 8,
-            llm_int8_skip_modules=["mm_projector"],
+            llm_int8_skip_modules=["model.mm_projector"],  # transformers 5 matches from the module path's start
             bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_use_double_quant=training_args.double_quant,
             bnb_4bit_quant_type=training_args.quant_type,
@@ -281,12 +293,6 @@ def train(attn_implementation: str | None = None) -> None:
     )
     model = prepare_language_model(model, model_args, training_args, compute_dtype)
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path,
-        cache_dir=training_args.cache_dir,
-        model_max_length=training_args.model_max_length,
-        padding_side="right",
-    )
     configure_tokenizer(model, tokenizer, model_args)
 
     if model_args.vision_tower is not None:
@@ -302,12 +308,9 @@ def train(attn_implementation: str | None = None) -> None:
         config.mm_use_im_start_end = data_args.mm_use_im_start_end = model_args.mm_use_im_start_end
         config.mm_projector_lr = training_args.mm_projector_lr
         config.mm_use_im_patch_token = model_args.mm_use_im_patch_token
-        if model_args.mm_use_im_patch_token or model_args.mm_use_im_start_end:
-            raise NotImplementedError("LLaVA-1.5 uses neither --mm_use_im_patch_token nor --mm_use_im_start_end.")
 
     record_trainable_parameters(model, training_args)
 
-    data_module = make_supervised_data_module(tokenizer=tokenizer, data_args=data_args)
     trainer = LLaVATrainer(model=model, processing_class=tokenizer, args=training_args, **data_module)
 
     resume = resume_checkpoint(training_args, model)
