@@ -116,17 +116,18 @@ def worker(args: argparse.Namespace) -> None:
     from peft import LoraConfig, get_peft_model
 
     import peft_dora
-    import peft_dora.layer as dora_layer
+    from peft_dora import kernels
 
     # Count the norm computations of this project's layer (a Python counter: negligible cost).
     norm_calls = [0]
-    inner_norm = dora_layer.dora_weight_norm
+    backend = kernels.select(torch.device("cpu"), torch.float32)
+    inner_norm = backend.weight_norm
 
     def counted_norm(*a, **k):
         norm_calls[0] += 1
         return inner_norm(*a, **k)
 
-    dora_layer.dora_weight_norm = counted_norm
+    backend.weight_norm = counted_norm
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -389,6 +390,10 @@ def main() -> None:
           f"{os.cpu_count()} CPUs")
     print(f"- torch {torch.__version__}, default threads {torch.get_num_threads()}; peft {peft.__version__}; "
           f"python {platform.python_version()}")
+    from peft_dora import kernels
+
+    print(f"- this layer's kernels: {kernels.select(torch.device('cpu'), torch.float32).name} "
+          f"({kernels.ENV}={os.environ.get(kernels.ENV, 'auto')})")
     threads = args.threads or torch.get_num_threads()
     print(f"- r={R}, lora_alpha={ALPHA}, lora_dropout={args.dropout}, warm-up {WARMUP}, "
           f"methods timed in turns, median of {args.repeats} steps x {args.rounds} round(s), {threads} threads, "

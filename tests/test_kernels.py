@@ -155,18 +155,20 @@ def test_lora_A_stays_a_plain_linear_and_the_state_dict_keys_are_upstreams():
 # ---------------------------------------------------------------- the fused norm
 
 
-@pytest.mark.parametrize("layout", ["rows", "transposed", "magnitude-only"])
+@pytest.mark.parametrize("layout", ["rows", "transposed", "magnitude-only", "column-slices"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fused_norm_equals_float64(dtype, layout):
+def test_fused_norm_equals_float64(monkeypatch, dtype, layout):
     """||W0 + sBA||_row and its inverse; W0 stored row-major or as a transposed view (fan_in_fan_out);
-    zero A and B as magnitude-only modules hold them."""
+    zero A and B as magnitude-only modules hold them; W0's 200 columns in four slices (64, 64, 64, 8),
+    as on a GPU with more multiprocessors than blocks of rows."""
     torch.manual_seed(2)
-    w0 = (torch.randn(D_HIDDEN, 71) * 0.1).to(dtype)
-    a, b = torch.randn(R, 71) * 0.2, torch.randn(D_HIDDEN, R) * 0.2
+    w0 = (torch.randn(D_HIDDEN, 200) * 0.1).to(dtype)
+    a, b = torch.randn(R, 200) * 0.2, torch.randn(D_HIDDEN, R) * 0.2
     if layout == "transposed":
         w0 = w0.t().contiguous().t()
     if layout == "magnitude-only":
-        a, b = torch.zeros(1, 71), torch.zeros(D_HIDDEN, 1)
+        a, b = torch.zeros(1, 200), torch.zeros(D_HIDDEN, 1)
+    monkeypatch.setattr(fused, "_norm_splits", lambda *args: 4 if layout == "column-slices" else 1)
     exact = torch.linalg.norm(w0.double() + SCALING * b.double() @ a.double(), dim=1)
     norm, inv = kernels("triton").weight_norm(w0, a, b, SCALING)
     assert norm.dtype == inv.dtype == torch.float32
@@ -309,16 +311,23 @@ def test_compiled_model_equals_eager(force):
     backend: inductor compiles it too, but takes ~30 s on a 2-core CPU)."""
     force("triton")
     x, _, mask = inputs(torch.float32, 0.5)
+    traced = []
+
+    def backend(graph, example_inputs):
+        traced.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+
     results = []
     for compiled in (False, True):
         model = build(lora_dropout=0.5)
         model.base_model.model.up.lora_dropout["default"] = FixedMask(mask)
         model.train()
-        run_model = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+        run_model = torch.compile(model, fullgraph=True, backend=backend) if compiled else model
         xx = x.clone().requires_grad_()
         y = run_model(xx)
         y.square().sum().backward()
         results.append((y.detach(), xx.grad, [p.grad for p in model.parameters() if p.requires_grad]))
+    assert traced.count("peft_dora.weight_norm.default") == traced.count("peft_dora.combine.default") == 2
     (y, gx, grads), (y_c, gx_c, grads_c) = results
     torch.testing.assert_close(y_c, y, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gx_c, gx, rtol=1e-6, atol=1e-6)

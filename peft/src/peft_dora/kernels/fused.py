@@ -3,10 +3,13 @@
 Three custom ops (``peft_dora::weight_norm``, ``peft_dora::combine``, ``peft_dora::combine_backward``)
 launch the kernels of ``triton_kernels.py``; each has a fake implementation (shapes and dtypes only)
 and ``combine`` has its autograd formula registered, so ``torch.compile(fullgraph=True)`` traces a
-layer through them as opaque nodes. What each saves over the ``torch`` kernels:
+layer through them as opaque nodes. Eager code calls the same implementations through an
+``autograd.Function`` instead: a custom op's dispatch costs ~3x a Function's on the host, per call.
+What each saves over the ``torch`` kernels:
 
 - the norm reads W0 once (no float32 copy of a bfloat16 W0, ||W0||^2 from the same tiles) and runs
-  W0 A^T on tensor cores in the compute dtype with float32 sums;
+  W0 A^T on tensor cores in W0's dtype (A rounded to it) with float32 sums; m / n is formed in the
+  combination's kernels, where m meets n;
 - the forward writes y in one pass over the base output, B's product computed tile by tile inside
   it, and applies m / n in float32 (rounded to bfloat16 first, a scale within ~0.2% of 1 would be 1);
 - the backward reads the output gradient once for the input's gradient and m's gradient (per-block
@@ -20,7 +23,9 @@ the kernels are first used; its bfloat16 ``tl.dot`` is wrong, so bfloat16 is ref
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +35,8 @@ from .reference import TorchKernels
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Tile sizes. The combination: tokens x features per program, rank chunk of the B product.
 _COMBINE_TOKENS, _COMBINE_FEATURES, _COMBINE_WARPS = 64, 128, 8
-# The norm: W0 columns per step; rows per program chosen by ``_norm_rows``.
-_NORM_COLUMNS, _NORM_WARPS, _NORM_STAGES = 64, 4, 3
+# The norm: W0 rows per program, columns per step (its float32 W0 A^T tile is rows x padded rank).
+_NORM_ROWS, _NORM_COLUMNS, _NORM_WARPS, _NORM_STAGES = 64, 64, 4, 3
 
 
 def _kernels():
@@ -68,64 +73,67 @@ def _rows(t: Tensor) -> Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _norm_rows(out_features: int, padded_rank: int, device: torch.device) -> int:
-    """Rows of W0 per program: the float32 W0 A^T tile stays at 8192 values, and smaller blocks while
-    there are fewer programs than multiprocessors."""
-    rows = max(16, min(64, 8192 // padded_rank))
-    if device.type == "cuda":
-        processors = torch.cuda.get_device_properties(device).multi_processor_count
-        while rows > 16 and -(-out_features // rows) < processors:
-            rows //= 2
-    return rows
+@functools.lru_cache(maxsize=None)
+def _processors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 for the interpreter's CPU."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-@torch.library.custom_op("peft_dora::weight_norm", mutates_args=())
-def weight_norm_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+def _norm_splits(out_features: int, in_features: int, device: torch.device) -> int:
+    """Slices of W0's columns, so that about two programs per multiprocessor share the norm's pass over W0
+    (each slice at least four column blocks long)."""
+    blocks = _cdiv(out_features, _NORM_ROWS)
+    most = max(1, in_features // (4 * _NORM_COLUMNS))
+    return max(1, min(most, _cdiv(2 * _processors(device), blocks)))
+
+
+def _norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
     """(||W0 + sBA||_row, its reciprocal) in float32; W0 out x in (any strides), A r x in, B out x r."""
     out_features, in_features = weight.shape
     rank = lora_A.shape[0]
     a32 = lora_A.float()
-    aat = (a32 @ a32.t()).contiguous() if rank > 0 else a32.new_zeros(1, 1)
+    aat = (a32 @ a32.t()).contiguous()
+    block_r = _padded(rank)
+    splits = _norm_splits(out_features, in_features, weight.device)
+    columns = _cdiv(_cdiv(in_features, splits), _NORM_COLUMNS) * _NORM_COLUMNS
+    splits = _cdiv(in_features, columns)
+    sq = torch.empty(splits, out_features, dtype=torch.float32, device=weight.device)
+    cross = torch.empty_like(sq)
+    kernels = _kernels()
+    kernels.norm_partial_kernel[(_cdiv(out_features, _NORM_ROWS), splits)](
+        weight, lora_A, lora_B, sq, cross,
+        out_features, in_features, rank, columns,
+        weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
+        BLOCK_M=_NORM_ROWS, BLOCK_K=_NORM_COLUMNS, BLOCK_R=block_r, PRECISION=_precision(weight.dtype),
+        **_launch_options(_NORM_WARPS if block_r <= 128 else 2 * _NORM_WARPS, _NORM_STAGES),
+    )  # fmt: skip
     norm = torch.empty(out_features, dtype=torch.float32, device=weight.device)
     inv = torch.empty_like(norm)
-    block_r = _padded(rank)
-    block_m = _norm_rows(out_features, block_r, weight.device)
-    grid = (_cdiv(out_features, block_m),)
-    _kernels().norm_kernel[grid](
-        weight, lora_A, lora_B, aat, norm, inv,
-        out_features, in_features, rank, float(scaling),
-        weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-        BLOCK_M=block_m, BLOCK_K=_NORM_COLUMNS, BLOCK_R=block_r, PRECISION=_precision(weight.dtype),
-        **_launch_options(_NORM_WARPS, _NORM_STAGES),
+    kernels.norm_finish_kernel[(_cdiv(out_features, _NORM_ROWS),)](
+        sq, cross, lora_B, aat, norm, inv, out_features, rank, splits, float(scaling), lora_B.stride(0),
+        lora_B.stride(1), BLOCK_M=_NORM_ROWS, BLOCK_R=block_r, **_launch_options(_NORM_WARPS),
     )  # fmt: skip
     return norm, inv
-
-
-@weight_norm_op.register_fake
-def _(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
-    norm = weight.new_empty(weight.shape[0], dtype=torch.float32)
-    return norm, torch.empty_like(norm)
 
 
 def _combine_grid(tokens: int, features: int) -> tuple[int, int]:
     return (_cdiv(tokens, _COMBINE_TOKENS), _cdiv(features, _COMBINE_FEATURES))
 
 
-def _rank_block(h: Tensor | None) -> tuple[int, int]:
+def _rank_block(h: Optional[Tensor]) -> tuple[int, int]:
     """(rank, rank chunk per tl.dot) of the B product; (0, 16) without one."""
     rank = 0 if h is None else h.shape[-1]
     return rank, min(64, _padded(rank))
 
 
-@torch.library.custom_op("peft_dora::combine", mutates_args=())
-def combine_op(
+def _combine(
     result: Tensor,
-    h: Tensor | None,
-    lora_B: Tensor | None,
-    base_d: Tensor | None,
+    h: Optional[Tensor],
+    lora_B: Optional[Tensor],
+    base_d: Optional[Tensor],
     magnitude: Tensor,
     inv_norm: Tensor,
-    bias: Tensor | None,
+    bias: Optional[Tensor],
     scaling: float,
 ) -> Tensor:
     """The DoRA output (``combine.py``'s formula, base_d including the bias), in result's dtype."""
@@ -147,20 +155,14 @@ def combine_op(
     return y
 
 
-@combine_op.register_fake
-def _(result, h, lora_B, base_d, magnitude, inv_norm, bias, scaling):
-    return torch.empty_like(result, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("peft_dora::combine_backward", mutates_args=())
-def combine_backward_op(
+def _combine_backward(
     grad: Tensor,
     saved: Tensor,
-    h: Tensor | None,
-    lora_B: Tensor | None,
+    h: Optional[Tensor],
+    lora_B: Optional[Tensor],
     magnitude: Tensor,
     inv_norm: Tensor,
-    bias: Tensor | None,
+    bias: Optional[Tensor],
     scaling: float,
     dropout: bool,
     input_grad: bool,
@@ -195,33 +197,19 @@ def combine_backward_op(
     if bias is not None:
         gv = gv - bias.float() * part_g.sum(dim=0)
     if dropout:
-        grad_m = gv * inv_norm
-    else:
-        # sum_t g * (y - b) / scale / n = (sum_t g y - b sum_t g) / m; an entry of m that is exactly 0 gets 0.
-        m32 = magnitude.float()
-        grad_m = gv / m32.masked_fill(m32 == 0, float("inf"))
-    return grad_input, grad_m
+        return grad_input, gv * inv_norm
+    # sum_t g * (y - b) / scale / n = (sum_t g y - b sum_t g) / m; an entry of m that is exactly 0 gets 0.
+    m32 = magnitude.float()
+    return grad_input, gv / m32.masked_fill(m32 == 0, float("inf"))
 
 
-@combine_backward_op.register_fake
-def _(grad, saved, h, lora_B, magnitude, inv_norm, bias, scaling, dropout, input_grad, magnitude_grad):
-    grad_input = torch.empty_like(grad, memory_format=torch.contiguous_format) if input_grad else grad.new_empty(0)
-    grad_m = magnitude.new_empty(magnitude.shape if magnitude_grad else (0,), dtype=torch.float32)
-    return grad_input, grad_m
-
-
-def _setup_combine(ctx, inputs, output) -> None:
-    result, h, lora_B, base_d, magnitude, inv_norm, bias, scaling = inputs
-    ctx.dropout = base_d is not None
-    ctx.scaling = scaling
-    ctx.save_for_backward(base_d if ctx.dropout else output, h, lora_B, magnitude, inv_norm, bias)
-
-
-def _combine_backward(ctx, grad: Tensor):
+def _gradients(ctx, grad: Tensor, partial_sums: Callable) -> tuple:
+    """The combination's input gradients: ``partial_sums`` (the custom op, or its implementation in eager
+    code) for the input's and m's, two products for h's and B's."""
     saved, h, lora_B, magnitude, inv_norm, bias = ctx.saved_tensors
     needs = ctx.needs_input_grad
     input_index = 3 if ctx.dropout else 0
-    grad_input, grad_m = combine_backward_op(
+    grad_input, grad_m = partial_sums(
         grad, saved, h, lora_B, magnitude, inv_norm, bias, ctx.scaling, ctx.dropout, needs[input_index], needs[4]
     )
     grad_result = grad_base_d = grad_h = grad_lora_B = None
@@ -243,7 +231,51 @@ def _combine_backward(ctx, grad: Tensor):
     return grad_result, grad_h, grad_lora_B, grad_base_d, grad_magnitude, None, None, None
 
 
-combine_op.register_autograd(_combine_backward, setup_context=_setup_combine)
+def _save(ctx, inputs: tuple, output: Tensor) -> None:
+    result, h, lora_B, base_d, magnitude, inv_norm, bias, scaling = inputs
+    ctx.dropout = base_d is not None
+    ctx.scaling = scaling
+    ctx.save_for_backward(base_d if ctx.dropout else output, h, lora_B, magnitude, inv_norm, bias)
+
+
+class _FusedCombine(torch.autograd.Function):
+    """The combination in eager code: the custom ops' implementations without their dispatch."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _combine(*inputs)
+        _save(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gradients(ctx, grad, _combine_backward)
+
+
+weight_norm_op = torch.library.custom_op("peft_dora::weight_norm", _norm, mutates_args=())
+combine_op = torch.library.custom_op("peft_dora::combine", _combine, mutates_args=())
+combine_backward_op = torch.library.custom_op("peft_dora::combine_backward", _combine_backward, mutates_args=())
+
+
+@weight_norm_op.register_fake
+def _(weight, lora_A, lora_B, scaling):
+    norm = weight.new_empty(weight.shape[0], dtype=torch.float32)
+    return norm, torch.empty_like(norm)
+
+
+@combine_op.register_fake
+def _(result, h, lora_B, base_d, magnitude, inv_norm, bias, scaling):
+    return torch.empty_like(result, memory_format=torch.contiguous_format)
+
+
+@combine_backward_op.register_fake
+def _(grad, saved, h, lora_B, magnitude, inv_norm, bias, scaling, dropout, input_grad, magnitude_grad):
+    grad_input = torch.empty_like(grad, memory_format=torch.contiguous_format) if input_grad else grad.new_empty(0)
+    grad_m = magnitude.new_empty(magnitude.shape if magnitude_grad else (0,), dtype=torch.float32)
+    return grad_input, grad_m
+
+
+combine_op.register_autograd(lambda ctx, grad: _gradients(ctx, grad, combine_backward_op), setup_context=_save)
 
 
 class TritonKernels(TorchKernels):
@@ -267,13 +299,16 @@ class TritonKernels(TorchKernels):
         return None
 
     def weight_norm(self, weight, lora_A, lora_B, scaling, weight_sq_norm=None):
-        return weight_norm_op(weight, lora_A, lora_B, float(scaling))
+        norm = weight_norm_op if torch.compiler.is_compiling() else _norm
+        return norm(weight, lora_A, lora_B, float(scaling))
 
     def down(self, lora_A: nn.Linear, x: Tensor) -> Tensor:
         return lora_A(x)
 
     def combine(self, result, h, lora_B, base_d, magnitude, inv_norm, bias, scaling, in_place):
-        return combine_op(result, h, lora_B, base_d, magnitude, inv_norm, bias, float(scaling))
+        if torch.compiler.is_compiling():
+            return combine_op(result, h, lora_B, base_d, magnitude, inv_norm, bias, float(scaling))
+        return _FusedCombine.apply(result, h, lora_B, base_d, magnitude, inv_norm, bias, float(scaling))
 
 
 KERNELS = TritonKernels()

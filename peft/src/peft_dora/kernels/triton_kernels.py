@@ -4,8 +4,10 @@ Every tensor is read as rows with a unit stride along features; the caller makes
 on tensor cores with operands in the compute dtype (bfloat16/float16; float32 in IEEE or TF32, as the
 caller says) and float32 accumulators; every sum, the scale m / n and the final combination are float32.
 
-- ``norm_kernel``: one pass over W0 per block of rows: W0 A^T, ||W0||_row^2 from the same tiles, then
-  the closed form ||W0||^2 + 2s rowsum(B * W0 A^T) + s^2 rowsum(B (A A^T) * B), its root and inverse.
+- ``norm_partial_kernel`` and ``norm_finish_kernel``: one pass over W0, by blocks of rows and slices of
+  columns (enough programs to fill the GPU, A re-read once per block): W0 A^T on tensor cores,
+  ||W0||_row^2 from the same tiles, rowsum(B * W0 A^T) per slice; then the slices summed in a fixed
+  order, the closed form ||W0||^2 + 2s rowsum(B * W0 A^T) + s^2 rowsum(B (A A^T) * B), root, inverse.
 - ``combine_kernel``: one pass over the base output: y = scale (result + s h B^T) + (1 - scale) b, or
   with dropout y = result - (base_d - b) + scale (base_d - b + s h B^T), with scale = m / n in float32.
 - ``combine_backward_kernel``: one pass over the output gradient g: g * scale (g * (scale - 1) with
@@ -18,26 +20,26 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Whether these kernels run in Triton's interpreter (numpy on the CPU): decided when they are defined.
-INTERPRETED = bool(triton.knobs.runtime.interpret)
-
-
 @triton.jit
-def norm_kernel(
-    w_ptr, a_ptr, b_ptr, aat_ptr, norm_ptr, inv_ptr,
-    out_features, in_features, rank, scaling,
+def norm_partial_kernel(
+    w_ptr, a_ptr, b_ptr, sq_ptr, cross_ptr,
+    out_features, in_features, rank, columns_per_split,
     stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """For one block of rows and one slice of W0's columns: ||W0||_row^2 and rowsum(B * W0 A^T) over it."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
     ranks = tl.arange(0, BLOCK_R)
     row_ok = rows < out_features
     rank_ok = ranks < rank
     w_at = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k in range(0, in_features, BLOCK_K):
+    first = split * columns_per_split
+    last = tl.minimum(first + columns_per_split, in_features)
+    for k in range(first, last, BLOCK_K):
         cols = k + tl.arange(0, BLOCK_K)
-        col_ok = cols < in_features
+        col_ok = cols < last
         w = tl.load(w_ptr + rows[:, None] * stride_wm + cols[None, :] * stride_wk,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         w32 = w.to(tl.float32)
@@ -47,10 +49,31 @@ def norm_kernel(
         w_at = tl.dot(w, a_t.to(w.dtype), w_at, input_precision=PRECISION)
     b = tl.load(b_ptr + rows[:, None] * stride_bm + ranks[None, :] * stride_br,
                 mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
+    tl.store(sq_ptr + split * out_features + rows, sq, mask=row_ok)
+    tl.store(cross_ptr + split * out_features + rows, tl.sum(b * w_at, axis=1), mask=row_ok)
+
+
+@triton.jit
+def norm_finish_kernel(
+    sq_ptr, cross_ptr, b_ptr, aat_ptr, norm_ptr, inv_ptr,
+    out_features, rank, splits, scaling, stride_bm, stride_br,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """The slices' sums in a fixed order, the quadratic term rowsum(B (A A^T) * B), the root and its inverse."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.arange(0, BLOCK_R)
+    row_ok = rows < out_features
+    rank_ok = ranks < rank
+    sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    cross = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for split in range(0, splits):
+        sq += tl.load(sq_ptr + split * out_features + rows, mask=row_ok, other=0.0)
+        cross += tl.load(cross_ptr + split * out_features + rows, mask=row_ok, other=0.0)
+    b = tl.load(b_ptr + rows[:, None] * stride_bm + ranks[None, :] * stride_br,
+                mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
     aat = tl.load(aat_ptr + ranks[:, None] * rank + ranks[None, :], mask=rank_ok[:, None] & rank_ok[None, :], other=0.0)
-    b_aat = tl.dot(b, aat, input_precision="ieee")
-    sq += 2.0 * scaling * tl.sum(b * w_at, axis=1) + scaling * scaling * tl.sum(b_aat * b, axis=1)
-    norm = tl.sqrt(tl.maximum(sq, 0.0))
+    quad = tl.sum(tl.dot(b, aat, input_precision="ieee") * b, axis=1)
+    norm = tl.sqrt(tl.maximum(sq + 2.0 * scaling * cross + scaling * scaling * quad, 0.0))
     tl.store(norm_ptr + rows, norm, mask=row_ok)
     tl.store(inv_ptr + rows, 1.0 / tl.where(row_ok, norm, 1.0), mask=row_ok)  # no division for padding rows
 
@@ -84,9 +107,10 @@ def combine_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < features
     mask = (rows < tokens)[:, None] & col_ok[None, :]
+    at = rows.to(tl.int64)[:, None]  # 64-bit offsets: tokens x features may pass 2**31
     scale = tl.load(m_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) * tl.load(inv_ptr + cols, mask=col_ok, other=0.0)
     scale = scale[None, :]
-    y = tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(res_ptr + at * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     lora = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     if HAS_LORA:
         lora = scaling * _lora_tile(h_ptr, b_ptr, rows, cols, tokens, features, rank, stride_h, stride_bm, stride_br,
@@ -95,11 +119,11 @@ def combine_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if DROPOUT:
-        base_d = tl.load(bd_ptr + rows[:, None] * stride_bd + cols[None, :], mask=mask, other=0.0).to(tl.float32) - bias
+        base_d = tl.load(bd_ptr + at * stride_bd + cols[None, :], mask=mask, other=0.0).to(tl.float32) - bias
         y = y - base_d + scale * (base_d + lora)
     else:
         y = scale * (y + lora) + (1.0 - scale) * bias
-    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + at * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -118,18 +142,23 @@ def combine_backward_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < features
     mask = (rows < tokens)[:, None] & col_ok[None, :]
-    g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    at = rows.to(tl.int64)[:, None]
+    g = tl.load(g_ptr + at * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if INPUT_GRAD:
         scale = tl.load(m_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) * tl.load(inv_ptr + cols, mask=col_ok, other=0.0)
         if DROPOUT:
             scale = scale - 1.0
-        tl.store(gin_ptr + rows[:, None] * stride_gin + cols[None, :], (g * scale[None, :]).to(gin_ptr.dtype.element_ty),
+        tl.store(gin_ptr + at * stride_gin + cols[None, :], (g * scale[None, :]).to(gin_ptr.dtype.element_ty),
                  mask=mask)
     if MAGNITUDE_GRAD:
-        v = tl.load(v_ptr + rows[:, None] * stride_v + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + at * stride_v + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if DROPOUT and HAS_LORA:
             v += scaling * _lora_tile(h_ptr, b_ptr, rows, cols, tokens, features, rank, stride_h, stride_bm, stride_br,
                                       BLOCK_T, BLOCK_N, BLOCK_R, g_ptr.dtype.element_ty, PRECISION)
         tl.store(part_gv_ptr + pid_t * features + cols, tl.sum(g * v, axis=0), mask=col_ok)
         if HAS_BIAS:
             tl.store(part_g_ptr + pid_t * features + cols, tl.sum(g, axis=0), mask=col_ok)
+
+
+# Whether these kernels run in Triton's interpreter (numpy on the CPU): decided when they were defined.
+INTERPRETED = type(combine_kernel).__name__ == "InterpretedFunction"
