@@ -37,7 +37,8 @@ count (default: torch's default). The "cpu ms" column is the median process CPU 
 ``--dropout P`` (default 0.0) sets ``lora_dropout``. With dropout the paper's forward needs W0
 applied to the dropped-out input, W0 dropout(x), an extra out x in matmul (and its activation)
 that both DoRA implementations pay and LoRA does not, so the DoRA/LoRA targets are meant for
-``--dropout 0``.
+``--dropout 0``. ``--dora-dropout branch`` gives this project's layer the opt-in deviation that applies
+dropout to the low-rank branch alone (``DoraConfig(dora_dropout="branch")``: no W0 dropout(x)).
 
 With glibc's default allocator the peak RSS also holds freed heap memory not yet given back, which
 depends on the order of allocations and moves the peak by tens of MiB either way; ``--exact-memory``
@@ -154,7 +155,7 @@ def worker(args: argparse.Namespace) -> None:
     elif method == "dora-upstream":
         config = LoraConfig(use_dora=True, **common)
     elif method == "dora-this":
-        config = peft_dora.DoraConfig(**common)
+        config = peft_dora.DoraConfig(dora_dropout=args.dora_dropout, **common)
     else:
         raise SystemExit(f"unknown method {method!r}")
     model = get_peft_model(model, config)
@@ -220,6 +221,7 @@ def _worker_command(method: str, shape: str, tokens: int, args: argparse.Namespa
         "--shape", shape,
         "--tokens", str(tokens),
         "--dropout", str(args.dropout),
+        "--dora-dropout", args.dora_dropout,
     ]
     if args.input_grad:
         cmd.append("--input-grad")
@@ -356,6 +358,8 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
     p.add_argument("--repeats", type=int, default=5, help="timed steps after %d warm-up steps" % WARMUP)
     p.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (see the docstring)")
+    p.add_argument("--dora-dropout", default="seed", choices=("seed", "branch"),
+                   help="this layer's DoraConfig.dora_dropout (branch: an opt-in deviation, see the docstring)")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat every paired set of runs this many times with fresh processes, pooling the steps")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
@@ -395,7 +399,8 @@ def main() -> None:
     print(f"- this layer's kernels: {kernels.select(torch.device('cpu'), torch.float32).name} "
           f"({kernels.ENV}={os.environ.get(kernels.ENV, 'auto')})")
     threads = args.threads or torch.get_num_threads()
-    print(f"- r={R}, lora_alpha={ALPHA}, lora_dropout={args.dropout}, warm-up {WARMUP}, "
+    print(f"- r={R}, lora_alpha={ALPHA}, lora_dropout={args.dropout}, dora_dropout={args.dora_dropout}, "
+          f"warm-up {WARMUP}, "
           f"methods timed in turns, median of {args.repeats} steps x {args.rounds} round(s), {threads} threads, "
           f"input requires grad: {args.input_grad}, "
           f"allocator: {'MALLOC_MMAP_THRESHOLD_=131072' if args.exact_memory else 'default'}")
@@ -454,7 +459,9 @@ def main() -> None:
             m_upl = _ratio(get(up, "peak_mib"), get(lo, "peak_mib"))
             c_this = _paired_ratio(runs_th, runs_lo, "cpu")
             c_up = _paired_ratio(runs_up, runs_th, "cpu")
-            floor = macs_floor(*_parse_shape(shape), tokens, args.input_grad, args.dropout)
+            # The branch-only dropout needs no second base product: its floor is dropout 0's.
+            second_base = args.dropout if args.dora_dropout == "seed" else 0.0
+            floor = macs_floor(*_parse_shape(shape), tokens, args.input_grad, second_base)
             checked = tokens == TARGET_TOKENS and args.dropout == 0.0
             c = (lambda v, ok: _check(v, ok)) if checked else (lambda v, ok: "")
             print(f"| {shape.replace('x', '->')} | {tokens} "

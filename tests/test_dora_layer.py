@@ -520,3 +520,49 @@ def test_float64_model_has_float64_accuracy(dropout):
 
     merged = model.merge_and_unload().up.weight
     torch.testing.assert_close(merged, ((m / n)[:, None] * (w0 + s * b @ a)).detach(), rtol=1e-12, atol=1e-13)
+
+
+def test_branch_dropout_equals_its_float64_formula_without_a_second_base_product(tmp_path):
+    """dora_dropout="branch" (opt-in, a deviation from the seed's formula): y = (m/n) (W0 x + s B A x_d) + b,
+    gradients of A, B and m as that formula's; the base layer runs once per forward (the seed's formula runs
+    it twice while training with dropout). The mode is saved with the adapter and read back."""
+    _, model = dora_model(lora_dropout=0.5, dora_dropout="branch")
+    randomise(model)
+    layer = model.base_model.model.up
+    mask = (torch.rand(6, 12) > 0.5).float() * 2
+    layer.lora_dropout["default"] = FixedMask(mask)
+    calls = []
+    layer.get_base_layer().register_forward_hook(lambda *args: calls.append(1))
+    model.train()
+    x, g = torch.randn(6, 12), torch.randn(6, 20)
+    y = layer(x)
+    assert len(calls) == 1
+    (y * g).sum().backward()
+
+    base = layer.get_base_layer()
+    w0, bias = base.weight.detach().double(), base.bias.detach().double()
+    a = layer.lora_A["default"].weight.detach().double().requires_grad_()
+    b = layer.lora_B["default"].weight.detach().double().requires_grad_()
+    m = layer.lora_magnitude_vector["default"].weight.detach().double().requires_grad_()
+    s = layer.scaling["default"]
+    n = torch.linalg.norm(w0 + s * b.detach() @ a.detach(), dim=1)
+    x64 = x.double()
+    expected = (m / n) * (x64 @ w0.T + s * (x64 * mask.double()) @ a.T @ b.T) + bias
+    torch.testing.assert_close(y.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    (expected * g.double()).sum().backward()
+    for got, want in ((layer.lora_A["default"].weight.grad, a.grad), (layer.lora_B["default"].weight.grad, b.grad),
+                      (layer.lora_magnitude_vector["default"].weight.grad, m.grad)):  # fmt: skip
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+    seed_model = dora_model(lora_dropout=0.5)[1]
+    seed_layer = seed_model.base_model.model.up
+    seed_layer.get_base_layer().register_forward_hook(lambda *args: calls.append(1))
+    seed_model.train()
+    seed_layer(x)
+    assert len(calls) == 3
+
+    model.save_pretrained(tmp_path)
+    loaded, _ = peft_dora.load_dora_adapter(TwoLayers(), tmp_path)
+    assert loaded.peft_config["default"].dora_dropout == "branch"
+    with pytest.raises(ValueError, match="dora_dropout must be one of seed, branch"):
+        DoraConfig(r=2, target_modules=["up"], dora_dropout="input")

@@ -306,21 +306,25 @@ def test_fused_scale_is_applied_in_float32(force):
     assert abs(bias["triton"]) < 2e-5
 
 
-def test_compiled_model_equals_eager(force):
-    """torch.compile(fullgraph=True) traces the whole PEFT model through the custom ops (the aot_eager
-    backend: inductor compiles it too, but takes ~30 s on a 2-core CPU)."""
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_model_equals_eager(force, compiler):
+    """torch.compile(fullgraph=True) traces the whole PEFT model through the custom ops, dropout included:
+    the graph holds them, and outputs and gradients equal eager's (inductor fuses the float32 elementwise
+    work around them differently, hence its looser bound; it compiles in 15-30 s on a 2-core CPU)."""
     force("triton")
     x, _, mask = inputs(torch.float32, 0.5)
+    mask_down = (torch.rand(3, 47, D_HIDDEN, generator=torch.Generator().manual_seed(6)) > 0.5).float() * 2
     traced = []
 
     def backend(graph, example_inputs):
         traced.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
-        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+        return torch._dynamo.lookup_backend(compiler)(graph, example_inputs)
 
     results = []
     for compiled in (False, True):
         model = build(lora_dropout=0.5)
         model.base_model.model.up.lora_dropout["default"] = FixedMask(mask)
+        model.base_model.model.down.lora_dropout["default"] = FixedMask(mask_down)
         model.train()
         run_model = torch.compile(model, fullgraph=True, backend=backend) if compiled else model
         xx = x.clone().requires_grad_()
@@ -329,11 +333,11 @@ def test_compiled_model_equals_eager(force):
         results.append((y.detach(), xx.grad, [p.grad for p in model.parameters() if p.requires_grad]))
     assert traced.count("peft_dora.weight_norm.default") == traced.count("peft_dora.combine.default") == 2
     (y, gx, grads), (y_c, gx_c, grads_c) = results
-    torch.testing.assert_close(y_c, y, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(gx_c, gx, rtol=1e-6, atol=1e-6)
+    bound = 1e-6 if compiler == "aot_eager" else 1e-5
+    assert relative(y_c, y) < bound and relative(gx_c, gx) < bound
     assert len(grads) == 6
     for got, want in zip(grads_c, grads):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert relative(got, want) < bound
 
 
 def test_custom_ops_pass_torch_library_opcheck():

@@ -10,6 +10,8 @@ from peft import LoraConfig
 from torch import nn
 
 Targets = Optional[Union[list[str], str]]
+# Where ``lora_dropout`` applies (see DoraConfig.dora_dropout).
+DORA_DROPOUT_MODES = ("seed", "branch")
 
 
 def matches(targets: Targets, name: str) -> bool:
@@ -54,6 +56,17 @@ class DoraConfig(LoraConfig):
         default=None,
         metadata={"help": "The modules that get A and B; filled from `target_modules` when not given."},
     )
+    dora_dropout: str = field(
+        default="seed",
+        metadata={
+            "help": "Where lora_dropout applies while training. 'seed' (default): the seed's and the paper's "
+            "formula, y = W0 x + b + (m/n - 1) W0 x_d + (m/n) s B A x_d with x_d = dropout(x), in which the "
+            "dropped-out input also goes through W0 (a second base product, forward and backward). 'branch': "
+            "opt-in, a DEVIATION from that formula: dropout on the low-rank branch only, "
+            "y = (m/n) (W0 x + s B A x_d) + b, with no second base product. Both are y = (m/n) (W0 + sBA) x + b "
+            "without dropout and in evaluation."
+        },
+    )
     peft_dora: bool = field(
         default=True,
         metadata={
@@ -67,6 +80,10 @@ class DoraConfig(LoraConfig):
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"DoraConfig: r must be a positive integer, got {self.r!r}.")
+        if self.dora_dropout not in DORA_DROPOUT_MODES:
+            raise ValueError(
+                f"DoraConfig: dora_dropout must be one of {', '.join(DORA_DROPOUT_MODES)}, got {self.dora_dropout!r}."
+            )
         self.use_dora = True
         self.peft_dora = True
         if isinstance(self.target_modules, (set, tuple)):

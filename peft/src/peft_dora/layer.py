@@ -2,10 +2,10 @@
 
 PEFT keeps target matching, wrapping, saving and merging; this module supplies the DoRA maths: the
 closed-form norm (``norm.py``) and its cache, the output combination and merging. The layer is
-device-neutral: the kernels for the norm, the down projection and the combination come from the
-backend ``kernels.select`` picks for the output's device and dtype (``kernels/``). A bitsandbytes 4-bit or 8-bit base
-layer (QDoRA) gives its output as it is; its W0 is read dequantized for the norm and a merge writes
-it back requantized (``quantized.py``).
+device-neutral: the kernels of the norm, the down projection and the combination come from the
+backend that ``kernels.select`` picks for the output's device and dtype (``kernels/``). A
+bitsandbytes 4-bit or 8-bit base layer (QDoRA) gives its output as it is; its W0 is read dequantized
+for the norm and a merge writes it back requantized (``quantized.py``).
 The magnitude lives where upstream PEFT keeps it (``lora_magnitude_vector[adapter].weight``), so
 checkpoints are interchangeable with upstream.
 """
@@ -243,6 +243,8 @@ class DoraVariant(LoraVariant):
         dropout = module.lora_dropout[active_adapter]
         if isinstance(dropout, nn.Identity) or not module.training:
             x_d, base_d = x, None
+        elif module._dora_dropout.get(active_adapter) == "branch":
+            x_d, base_d = dropout(x), None  # dropout on the low-rank branch alone (DoraConfig.dora_dropout)
         else:
             x_d = dropout(x)
             base_d = base(x_d.to(result.dtype))  # W0 x_d + b: the combination takes the bias out
@@ -271,6 +273,7 @@ class DoraLinear(LoraLinear):
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> None:
         self._dora_norm_cache = NormCache()
         self._dora_magnitude_only = {}
+        self._dora_dropout = {}
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
 
     @property
@@ -285,6 +288,7 @@ class DoraLinear(LoraLinear):
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs: Any) -> None:
         target_name = kwargs.get("target_name", "")
+        self._dora_dropout[adapter_name] = getattr(config, "dora_dropout", "seed")
         is_magnitude_only = getattr(config, "is_magnitude_only", None)
         if is_magnitude_only is not None and is_magnitude_only(target_name):
             # Magnitude-only (the seed's `wdecompose_target_modules`): y = (m / ||W0||) * W0 x + b.
