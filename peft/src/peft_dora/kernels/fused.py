@@ -11,7 +11,8 @@ What each saves over the ``torch`` kernels:
   W0 A^T on tensor cores in W0's dtype (A rounded to it) with float32 sums; m / n is formed in the
   combination's kernels, where m meets n;
 - the forward writes y in one pass over the base output, B's product computed tile by tile inside
-  it, and applies m / n in float32 (rounded to bfloat16 first, a scale within ~0.2% of 1 would be 1);
+  it, and applies m / n in float32 (the ``torch`` kernels and upstream round it to the activations'
+  dtype first: in bfloat16 a scale within ~0.2% of 1 becomes exactly 1);
 - the backward reads the output gradient once for the input's gradient and m's gradient (per-block
   partial sums, summed in a fixed order: deterministic). The gradients of h and B stay two cuBLAS
   products with the factor m / n * s on their small out x r operands, as in ``combine.py``.
@@ -33,7 +34,8 @@ from torch import Tensor, nn
 from .reference import TorchKernels
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Tile sizes. The combination: tokens x features per program, rank chunk of the B product.
+# Tile sizes, to be tuned on a GPU. The combination: tokens x features per program (the B product's rank
+# in chunks of at most 64, ``_rank_block``).
 _COMBINE_TOKENS, _COMBINE_FEATURES, _COMBINE_WARPS = 64, 128, 8
 # The norm: W0 rows per program, columns per step (its float32 W0 A^T tile is rows x padded rank).
 _NORM_ROWS, _NORM_COLUMNS, _NORM_WARPS, _NORM_STAGES = 64, 64, 4, 3
@@ -100,18 +102,19 @@ def _norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> tup
     sq = torch.empty(splits, out_features, dtype=torch.float32, device=weight.device)
     cross = torch.empty_like(sq)
     kernels = _kernels()
+    warps = _NORM_WARPS if block_r <= 64 else 2 * _NORM_WARPS  # float32 tiles of rows x padded rank
     kernels.norm_partial_kernel[(_cdiv(out_features, _NORM_ROWS), splits)](
         weight, lora_A, lora_B, sq, cross,
         out_features, in_features, rank, columns,
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         BLOCK_M=_NORM_ROWS, BLOCK_K=_NORM_COLUMNS, BLOCK_R=block_r, PRECISION=_precision(weight.dtype),
-        **_launch_options(_NORM_WARPS if block_r <= 128 else 2 * _NORM_WARPS, _NORM_STAGES),
+        **_launch_options(warps, _NORM_STAGES),
     )  # fmt: skip
     norm = torch.empty(out_features, dtype=torch.float32, device=weight.device)
     inv = torch.empty_like(norm)
     kernels.norm_finish_kernel[(_cdiv(out_features, _NORM_ROWS),)](
         sq, cross, lora_B, aat, norm, inv, out_features, rank, splits, float(scaling), lora_B.stride(0),
-        lora_B.stride(1), BLOCK_M=_NORM_ROWS, BLOCK_R=block_r, **_launch_options(_NORM_WARPS),
+        lora_B.stride(1), BLOCK_M=_NORM_ROWS, BLOCK_R=block_r, **_launch_options(warps),
     )  # fmt: skip
     return norm, inv
 

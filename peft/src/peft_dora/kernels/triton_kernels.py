@@ -1,6 +1,7 @@
 """The Triton kernels behind the ``triton`` backend (``fused.py`` launches them).
 
-Every tensor is read as rows with a unit stride along features; the caller makes it so. Products run
+Activations (base output, h, base_d, gradients) are read as rows with unit stride along features, as
+the caller lays them out; W0, A and B with any strides. Products run
 on tensor cores with operands in the compute dtype (bfloat16/float16; float32 in IEEE or TF32, as the
 caller says) and float32 accumulators; every sum, the scale m / n and the final combination are float32.
 
