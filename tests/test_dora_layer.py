@@ -11,7 +11,7 @@ from torch import nn
 import peft_dora
 from peft_dora import DoraConfig, dora_weight_norm
 from peft_dora.kernels import cpu as cpu_kernels
-from peft_dora.kernels import kernels, onednn
+from peft_dora.kernels import backend, onednn
 from peft_dora.layer import DoraLinear
 
 
@@ -249,7 +249,7 @@ def test_closed_form_norm_equals_direct_norm_float64(monkeypatch, use_onednn, tr
     w0, a, b = torch.randn(50, 40, dtype=torch.float64), torch.randn(6, 40, dtype=torch.float64), torch.randn(50, 6, dtype=torch.float64)
     direct = torch.linalg.norm(w0 + 0.7 * b @ a, dim=1)
     w0_32 = w0.float().t().contiguous().t() if transposed else w0.float()
-    closed, inverse = kernels("cpu").weight_norm(w0_32, a.float(), b.float(), 0.7)
+    closed, inverse = backend("cpu").weight_norm(w0_32, a.float(), b.float(), 0.7)
     assert closed.dtype == torch.float32
     torch.testing.assert_close(closed.double(), direct, rtol=2e-6, atol=0)
     torch.testing.assert_close(inverse.double(), 1 / direct, rtol=2e-6, atol=0)
@@ -420,14 +420,14 @@ class CountingNorm:
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        backend = kernels("cpu")
-        real = backend.weight_norm
+        kernels = backend("cpu")
+        real = kernels.weight_norm
 
         def counted(*args, **kwargs):
             self.calls += 1
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(backend, "weight_norm", counted)
+        monkeypatch.setattr(kernels, "weight_norm", counted)
 
 
 def test_norm_is_reused_across_accumulation_and_recomputed_after_a_step(monkeypatch):

@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from peft_dora import DoraConfig
-from peft_dora.kernels import ENV, KernelsUnavailable, default_name, kernels, select
+from peft_dora.kernels import ENV, KernelsUnavailable, backend, default_name, select
 from peft_dora.kernels import fused
 
 D_IN, D_HIDDEN, D_OUT, R, ALPHA = 29, 133, 17, 5, 7  # 133 features: two blocks of the combination
@@ -170,7 +170,7 @@ def test_fused_norm_equals_float64(monkeypatch, dtype, layout):
         a, b = torch.zeros(1, 200), torch.zeros(D_HIDDEN, 1)
     monkeypatch.setattr(fused, "_norm_splits", lambda *args: 4 if layout == "column-slices" else 1)
     exact = torch.linalg.norm(w0.double() + SCALING * b.double() @ a.double(), dim=1)
-    norm, inv = kernels("triton").weight_norm(w0, a, b, SCALING)
+    norm, inv = backend("triton").weight_norm(w0, a, b, SCALING)
     assert norm.dtype == inv.dtype == torch.float32
     # float32: rounding only; float16: A rounded to W0's dtype for the tensor-core product (2**-11).
     tolerance = 1e-6 if dtype == torch.float32 or layout == "magnitude-only" else 2e-4

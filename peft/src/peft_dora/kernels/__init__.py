@@ -38,7 +38,7 @@ class KernelsUnavailable(RuntimeError):
     """A backend was asked for where it cannot run."""
 
 
-def kernels(name: str):
+def backend(name: str):
     """The backend called ``name`` (its module is imported on first use: Triton only when asked for)."""
     if name not in _MODULES:
         raise ValueError(f"{ENV}: unknown DoRA kernels {name!r}; choose one of {', '.join(NAMES)} or auto.")
@@ -54,7 +54,7 @@ def default_name(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def default_kernels(device: torch.device, dtype: torch.dtype):
-    return kernels(default_name(device, dtype))
+    return backend(default_name(device, dtype))
 
 
 def forced_name() -> str | None:
@@ -68,11 +68,11 @@ def select(device: torch.device, dtype: torch.dtype):
     name = forced_name()
     if name is None:
         return default_kernels(device, dtype)
-    backend = kernels(name)
-    reason = backend.unavailable(device, dtype)
+    chosen = backend(name)
+    reason = chosen.unavailable(device, dtype)
     if reason is not None:
         raise KernelsUnavailable(f"{ENV}={name}: cannot run on {device.type} in {dtype}: {reason}")
-    return backend
+    return chosen
 
 
-__all__ = ["ENV", "NAMES", "KernelsUnavailable", "default_kernels", "default_name", "forced_name", "kernels", "select"]
+__all__ = ["ENV", "NAMES", "KernelsUnavailable", "backend", "default_kernels", "default_name", "forced_name", "select"]
