@@ -109,7 +109,10 @@ ARGS=(
 )
 
 if [ "$LAUNCHER" = "deepspeed" ]; then
-  exec "$DEEPSPEED" --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" llava/train/train_mem.py --deepspeed "$DS_CONFIG" "${ARGS[@]}" "$@"
+  # The seed's DeepSpeed did not clip gradients (its configs named no gradient_clipping, read as 0);
+  # DeepSpeed 0.19 would clip at 1.0. The configs say "auto", which takes this value.
+  exec "$DEEPSPEED" --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" llava/train/train_mem.py --deepspeed "$DS_CONFIG" \
+    "${ARGS[@]}" --max_grad_norm 0 "$@"
 else
   exec "$PYTHON" -m llava.train.train_mem "${ARGS[@]}" "$@"
 fi

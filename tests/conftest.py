@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Triton decides between compiling and interpreting when it is first imported, which any test module may
+# cause: set before all of them, so the fused kernels' tests run under its interpreter on a CPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 
