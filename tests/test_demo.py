@@ -48,14 +48,14 @@ def test_quick_demo_runs_every_stage_and_prints_the_table(tmp_path):
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     assert header == COLUMNS
     rows = {line.strip("|").split("|")[0].strip(): line for line in lines[2:]}
-    assert list(rows) == ["Base (untrained)", "FT", "LoRA", "DoRA"]
+    assert list(rows) == ["Base (untrained)", "FT", "LoRA", "DoRA (trained m)"]  # the magnitude mode is labelled
     for name, line in rows.items():
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         assert len(cells) == len(COLUMNS)
         assert all(cell != "-" for cell in cells[2:]), f"{name}: a benchmark has no score: {line}"
     params = {name: float(line.strip("|").split("|")[1]) for name, line in rows.items() if name != "Base (untrained)"}
     # Counted as the paper counts (frozen vision tower in the total): full finetuning stays under 100%.
-    assert 50 < params["FT"] < 100 and 0 < params["LoRA"] < params["DoRA"] < params["FT"], params
+    assert 50 < params["FT"] < 100 and 0 < params["LoRA"] < params["DoRA (trained m)"] < params["FT"], params
 
     rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
