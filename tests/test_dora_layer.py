@@ -9,6 +9,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import peft_dora
+from dora_testing import randomise
 from peft_dora import DoraConfig, dora_weight_norm
 from peft_dora.kernels import cpu as cpu_kernels
 from peft_dora.kernels import backend, onednn
@@ -34,16 +35,6 @@ class FixedMask(nn.Module):
 
     def forward(self, x):
         return x * self.mask
-
-
-def randomise(model, scale=0.3):
-    """Give A, B and m random values so that every term of the formula matters."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.copy_(torch.randn_like(p) * scale)
-            elif "lora_magnitude_vector" in name:
-                p.copy_(p * (1 + 0.5 * torch.rand_like(p)))
 
 
 def reference_linear(x, layer: DoraLinear, adapter="default", mask=None):

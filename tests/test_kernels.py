@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from dora_testing import randomise as shared_randomise
 from peft_dora import DoraConfig
 from peft_dora.kernels import ENV, KernelsUnavailable, backend, default_name, select
 from peft_dora.kernels import fused
@@ -47,14 +48,8 @@ class FixedMask(nn.Module):
         return x * self.mask
 
 
-@torch.no_grad()
 def randomise(model: nn.Module, seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "lora_A" in name or "lora_B" in name:
-            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-        elif "lora_magnitude_vector" in name:
-            p.mul_(1 + 0.5 * torch.rand(p.shape, generator=gen))
+    shared_randomise(model, scale=0.3, seed=seed)
 
 
 def dora64(x, w0, bias, a, b, m, mask=None):

@@ -11,6 +11,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
+from dora_testing import randomise as shared_randomise
 from peft_dora import DoraConfig, DoraLinear
 
 
@@ -34,14 +35,8 @@ def config(**kwargs) -> DoraConfig:
                          **kwargs})
 
 
-@torch.no_grad()
 def randomise(model: nn.Module, seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "lora_A" in name or "lora_B" in name:
-            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-        elif "lora_magnitude_vector" in name:
-            p.mul_(1 + 0.5 * torch.rand(p.shape, generator=gen))
+    shared_randomise(model, scale=0.3, seed=seed)
 
 
 def dora_reference(x: torch.Tensor, layer: DoraLinear, adapter: str = "default") -> torch.Tensor:

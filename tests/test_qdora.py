@@ -18,6 +18,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
+from dora_testing import randomise as shared_randomise
 from peft_dora import DoraConfig, DoraLinear, invalidate_norm_caches, load_dora_adapter
 from peft_dora.layer import weight_norm
 
@@ -111,14 +112,8 @@ class FixedMask(nn.Module):
         return x * self.mask
 
 
-@torch.no_grad()
 def randomise(model: nn.Module, seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "lora_A" in name or "lora_B" in name:
-            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-        elif "lora_magnitude_vector" in name:
-            p.mul_(1 + 0.5 * torch.rand(p.shape, generator=gen))
+    shared_randomise(model, scale=0.1, seed=seed)
 
 
 def qdora(kind: str, dtype: torch.dtype = torch.float32, **config) -> tuple[nn.Module, dict[str, torch.Tensor]]:
