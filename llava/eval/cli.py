@@ -198,7 +198,8 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
     )
     tokenizer, model, image_processor, _ = load_pretrained_model(
         model_path, args.model_base, name, device=device, torch_dtype=dtype, dora_magnitudes=magnitudes,
-        mm_projector=mm_projector,
+        mm_projector=mm_projector, load_8bit=getattr(args, "load_8bit", False),
+        load_4bit=getattr(args, "load_4bit", False),
     )
     run_info: dict[str, Any] = {
         "model_path": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,

@@ -234,9 +234,10 @@ def decode_answer(ids: list[int], tokenizer: Any, stop_str: str | None) -> str:
 
 
 def _generate_batch(
-    model: Any, tokenizer: Any, batch: _Batch, settings: GenerationSettings, record_gaps: bool
+    model: Any, tokenizer: Any, batch: _Batch, settings: GenerationSettings, record_gaps: bool, streamer: Any = None
 ) -> tuple[list[str], list[float] | None]:
-    """Texts of one batch and, if asked, each row's smallest top-1/top-2 logit gap."""
+    """Texts of one batch and, if asked, each row's smallest top-1/top-2 logit gap; a ``streamer``
+    (transformers' TextStreamer protocol, batch size 1) is handed the tokens as they are generated."""
     device = model.device
     rows = batch.input_ids.shape[0]
     kwargs: dict[str, Any] = {
@@ -257,6 +258,8 @@ def _generate_batch(
     recorder = _GapRecorder() if record_gaps else None
     if recorder is not None:
         kwargs["logits_processor"] = LogitsProcessorList([recorder])
+    if streamer is not None:
+        kwargs["streamer"] = streamer
     images = None if batch.images is None else batch.images.to(device=device, dtype=model.dtype)
     with torch.inference_mode():
         output_ids = model.generate(
@@ -354,6 +357,23 @@ class Generator:
         self.reruns += 1
         single = _assemble([request], [self._pixels(request)], self.tokenizer)
         return _generate_batch(self.model, self.tokenizer, single, self.settings, record_gaps=False)[0][0]
+
+
+def generate_one(
+    model: Any,
+    tokenizer: Any,
+    image_processor: Any,
+    request: Request,
+    settings: GenerationSettings,
+    streamer: Any = None,
+    preprocessing: Preprocessing = "model",
+) -> str:
+    """One request alone (a chat turn), its tokens optionally streamed: the same path as a benchmark's
+    batch of one, so a greedy chat answer equals the evaluation loop's for the same prompt."""
+    validate_requests([request])
+    pixels = _load_pixels(request, image_processor, model.config, preprocessing)
+    batch = _assemble([request], [pixels], tokenizer)
+    return _generate_batch(model, tokenizer, batch, settings, record_gaps=False, streamer=streamer)[0][0]
 
 
 def run_generation(
