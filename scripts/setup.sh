@@ -12,6 +12,17 @@ STAMP="$VENV/.setup-stamp"
 # The stamp records what was installed; it changes whenever the pins or the project metadata do.
 WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/peft/pyproject.toml" "$ROOT/scripts/setup.sh" | sha256sum | cut -c1-16)${EXTRAS:+-$EXTRAS}"
 
+# The web demo's browser test drives Debian's chromium through chromedriver (selenium downloads nothing).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium and chromium-driver with apt-get (for the web demo's browser test)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+      || echo "setup: apt-get could not install chromium chromium-driver; the browser test will fail until they are installed"
+  else
+    echo "setup: chromium or chromedriver is missing; the browser test needs: sudo apt-get install chromium chromium-driver"
+  fi
+fi
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$VENV/bin/python" -c "import llava, peft_dora" 2>/dev/null; then
   echo "setup: .venv is up to date"
   exit 0
@@ -31,8 +42,8 @@ pip_install() {
 }
 echo "setup: installing torch (CPU build where it lies on disk) and the pinned libraries"
 pip_install "torch==2.13.0"
-echo "setup: installing llava and peft-dora (editable)"
-pip_install -e "$ROOT/peft" -e "$ROOT[test]"
+echo "setup: installing llava and peft-dora (editable, with the test and serve extras)"
+pip_install -e "$ROOT/peft" -e "$ROOT[test,serve]"
 if [ "${EXTRAS:-}" = "gpu" ]; then
   echo "setup: installing the GPU extras (flash-attn)"
   pip_install -e "$ROOT[gpu]" --no-build-isolation

@@ -14,6 +14,9 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+# Where the demo writes its evaluation data (llava.demo.run, seed 0).
+DEMO_EVAL = Path(__file__).resolve().parents[2] / "playground" / "data" / "demo" / "eval"
+
 # (benchmark, question file, image folder) relative to the evaluation folder: the JSONL benchmarks.
 BENCHMARKS = (
     ("VQAv2", "vqav2/llava_vqav2_mscoco_test-dev2015.jsonl", "vqav2/test2015"),

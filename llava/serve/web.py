@@ -27,11 +27,10 @@ from transformers import TextIteratorStreamer
 
 from llava.eval import cli as eval_cli
 from llava.serve import chat as chat_lib
-from llava.serve.examples import Example, benchmark_examples
+from llava.serve.examples import DEMO_EVAL, Example, benchmark_examples
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_EXAMPLES = Path(__file__).resolve().parents[2] / "playground" / "data" / "demo" / "eval"
 History = list[list[tuple[str, str]]]  # per checkpoint: (question, answer) turns
 
 
@@ -88,12 +87,16 @@ def stream_answer(chat: chat_lib.Chat, question: str, sampling: Any) -> Iterator
 class Demo:
     """The loaded checkpoints and what the page does with them."""
 
-    def __init__(self, models: list[chat_lib.ChatModel], examples: list[Example]) -> None:
+    def __init__(self, models: list[chat_lib.ChatModel], examples: list[Example], temperature: float = 0.0,
+                 max_new_tokens: int = 128, top_p: float | None = None) -> None:
         self.models = models
         self.examples = examples
+        self.temperature = temperature  # the page's starting values
+        self.max_new_tokens = max_new_tokens
+        self.top_p = top_p
 
     def _sampling(self, model: chat_lib.ChatModel, temperature: float, max_new_tokens: int) -> Any:
-        return chat_lib.settings(float(temperature), int(max_new_tokens), model.conv_mode)
+        return chat_lib.settings(float(temperature), int(max_new_tokens), model.conv_mode, self.top_p)
 
     def answer(self, image: Image.Image | None, question: str, temperature: float = 0.0,
                max_new_tokens: int = 128) -> dict[str, str]:
@@ -144,8 +147,9 @@ class Demo:
                         send = gr.Button("Ask", variant="primary", elem_id="ask")
                         clear = gr.Button("Clear", elem_id="clear")
                     with gr.Accordion("Generation", open=False):
-                        temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.1, label="Temperature (0: greedy)")
-                        max_new_tokens = gr.Slider(8, 1024, value=128, step=8, label="Max new tokens")
+                        temperature = gr.Slider(0.0, 1.5, value=self.temperature, step=0.1,
+                                                label="Temperature (0: greedy)")
+                        max_new_tokens = gr.Slider(1, 1024, value=self.max_new_tokens, step=1, label="Max new tokens")
                 with gr.Column(scale=3):
                     with gr.Row():
                         chats = [
@@ -192,6 +196,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     chat_lib.add_model_arguments(parser)
     parser.add_argument("--model-path", nargs="+", required=True, help="one or more checkpoints, shown side by side")
+    chat_lib.add_sampling_arguments(parser, temperature=0.0, max_new_tokens=128)
     parser.add_argument("--labels", nargs="+", help="a name per --model-path (default: the folders' names)")
     parser.add_argument("--examples", type=Path, default=None,
                         help="an evaluation folder laid out as playground/data/eval whose questions become the "
@@ -203,12 +208,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_demo(args: argparse.Namespace) -> Demo:
+    """Every checkpoint loaded, and the examples; a wrong flag fails before any model loads."""
     labels = labels_for(args.model_path, args.labels)
-    models = [chat_lib.load_chat_model(args, path, label) for path, label in zip(args.model_path, labels)]
-    examples_dir = args.examples or DEFAULT_EXAMPLES
     if args.examples is not None and not args.examples.is_dir():
         raise FileNotFoundError(f"--examples {args.examples}: no such folder (an evaluation folder, FORMATS.md).")
-    return Demo(models, benchmark_examples(examples_dir) if examples_dir.is_dir() else [])
+    examples_dir = args.examples or DEMO_EVAL
+    examples = benchmark_examples(examples_dir) if examples_dir.is_dir() else []
+    models = [chat_lib.load_chat_model(args, path, label) for path, label in zip(args.model_path, labels)]
+    return Demo(models, examples, args.temperature, args.max_new_tokens, args.top_p)
 
 
 def main(argv: list[str] | None = None) -> None:
