@@ -1,0 +1,165 @@
+"""The web demo (``python -m llava.serve.web``) as a user starts it: one process serving two tiny
+checkpoints side by side (a full model and a DoRA adapter on it as base), asked through its API with
+``gradio_client`` and through the page in Debian's headless chromium.
+
+The expected answers come from the evaluation's generation loop (batch size 1, greedy) on the prompt
+written out here from the vicuna_v1 template.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from llava.eval import generation as gen
+from llava.model.builder import load_pretrained_model
+from llava.tiny_base import build_tiny_llava
+from test_dora_magnitude_mode import seed_format_checkpoint
+from test_serve_cli import SYSTEM, write_eval_folder
+
+try:
+    import gradio_client  # noqa: F401
+    import selenium  # noqa: F401
+except ImportError as err:
+    raise ImportError(f"{err}: the web tests need the serve extra (bash scripts/setup.sh installs it)") from err
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_NEW = 10
+QUESTION = "what color is the cat on the left?"
+LABELS = ("FT", "DoRA")
+APT = "apt-get install chromium chromium-driver (scripts/setup.sh does it when run as root)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_base, tmp_path_factory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("serve_web")
+    full = build_tiny_llava(tiny_base, root / "ft")
+    seed_format_checkpoint(full, root / "dora")
+    return full, root / "dora", write_eval_folder(root / "eval")
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoints) -> dict[str, str]:
+    """Each checkpoint's answer from the evaluation loop, loaded directly (the adapter onto its base)."""
+    full, dora, eval_dir = checkpoints
+    image = eval_dir / "vqav2" / "test2015" / "COCO_test2015_000000000001.jpg"
+    settings = gen.GenerationSettings(temperature=0, max_new_tokens=MAX_NEW, stop_str="</s>")
+    request = gen.Request(0, f"{SYSTEM} USER: <image>\n{QUESTION} ASSISTANT:", QUESTION, [gen.open_rgb(str(image))])
+    answers = {}
+    for label, (path, base) in zip(LABELS, [(full, None), (dora, full)]):
+        tokenizer, model, processor, _ = load_pretrained_model(str(path), None if base is None else str(base), device="cpu")
+        answers[label] = next(gen.Generator(model, tokenizer, processor, settings, batch_size=1).answer([request]))[1]
+    assert all(answers.values()) and answers["FT"] != answers["DoRA"], answers
+    return answers
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints, tmp_path_factory):
+    """The one command, on a free local port; stopped after the module."""
+    full, dora, eval_dir = checkpoints
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve_web_log") / "web.log"
+    command = [
+        sys.executable, "-m", "llava.serve.web", "--model-path", str(full), str(dora), "--model-base", str(full),
+        "--labels", *LABELS, "--examples", str(eval_dir), "--device", "cpu", "--port", str(port),
+        "--max-new-tokens", str(MAX_NEW),
+    ]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1,localhost",
+           "no_proxy": "127.0.0.1,localhost", "TOKENIZERS_PARALLELISM": "false"}
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the web demo exited ({process.returncode}):\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the web demo did not answer on {url}:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_api_answers_with_every_checkpoint_as_the_evaluation_loop(server, checkpoints, expected):
+    from gradio_client import Client, handle_file
+
+    image = checkpoints[2] / "vqav2" / "test2015" / "COCO_test2015_000000000001.jpg"
+    client = Client(server, verbose=False)
+    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/answer"]
+    answers = client.predict(handle_file(str(image)), QUESTION, 0, MAX_NEW, api_name="/answer")
+    assert answers == expected
+    with pytest.raises(Exception, match="Type a question"):
+        client.predict(handle_file(str(image)), "  ", 0, MAX_NEW, api_name="/answer")
+
+
+def chromium():
+    """Debian's chromium through its chromedriver, headless; a clear failure when they are missing."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if binary is None or driver is None:
+        pytest.fail(f"The browser test needs Debian's chromium and its driver: {APT}.")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,900"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_page_shows_both_checkpoints_answers_to_an_uploaded_image(server, checkpoints, expected, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    upload = checkpoints[2] / "vqav2" / "test2015" / "COCO_test2015_000000000001.jpg"
+    browser = chromium()
+    try:
+        browser.get(server)
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#image input[type=file]"))
+        labels = [words(browser.find_element(By.ID, f"chat-{k}").text) for k in range(2)]
+        assert labels == list(LABELS)
+        assert "VQAv2: What color is the shape?" in browser.page_source  # the benchmark examples are offered
+        browser.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(str(upload))
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#image img"))
+        browser.find_element(By.CSS_SELECTOR, "#question textarea").send_keys(QUESTION)
+        browser.find_element(By.ID, "ask").click()
+        for k, label in enumerate(LABELS):
+            wait.until(lambda b: words(expected[label]) in words(b.find_element(By.ID, f"chat-{k}").text))
+        chats = [words(browser.find_element(By.ID, f"chat-{k}").text) for k in range(2)]
+        assert chats == [f"{label} {QUESTION} {words(expected[label])}" for label in LABELS]
+        shot = tmp_path / "page.png"
+        assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    finally:
+        browser.quit()
