@@ -163,3 +163,30 @@ def test_page_shows_both_checkpoints_answers_to_an_uploaded_image(server, checkp
         assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     finally:
         browser.quit()
+
+
+def test_follow_up_questions_go_on_with_each_checkpoints_own_conversation(checkpoints, expected):
+    """The page's chat, called in-process: answers stream in pieces, and the second turn's prompt holds each
+    checkpoint's own first answer."""
+    from llava.serve import web
+
+    full, dora, eval_dir = checkpoints
+    image_path = eval_dir / "vqav2" / "test2015" / "COCO_test2015_000000000001.jpg"
+    args = web.parse_args(["--model-path", str(full), str(dora), "--model-base", str(full), "--labels", *LABELS,
+                           "--examples", str(eval_dir), "--device", "cpu"])
+    demo = web.load_demo(args)
+    image = gen.open_rgb(str(image_path))
+    steps = [history for _, history in demo.ask(image, QUESTION, 0, MAX_NEW, [])]
+    assert steps[-1] == [[(QUESTION, expected[label])] for label in LABELS]
+    partials = [history[0][-1][1] for history in steps if not history[1]]  # FT's answer while it streams
+    assert len(set(partials)) > 2 and all(expected["FT"].startswith(p) for p in partials)
+
+    follow_up = "and the car near the tree?"
+    final = [history for _, history in demo.ask(image, follow_up, 0, MAX_NEW, steps[-1])][-1]
+    settings = gen.GenerationSettings(temperature=0, max_new_tokens=MAX_NEW, stop_str="</s>")
+    for k, label in enumerate(LABELS):
+        model = demo.models[k].loaded
+        prompt = f"{SYSTEM} USER: <image>\n{QUESTION} ASSISTANT: {expected[label]}</s>USER: {follow_up} ASSISTANT:"
+        request = gen.Request(0, prompt, follow_up, [image])
+        second = next(gen.Generator(model.model, model.tokenizer, model.image_processor, settings, 1).answer([request]))[1]
+        assert final[k] == [(QUESTION, expected[label]), (follow_up, second)]

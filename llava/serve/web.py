@@ -117,7 +117,7 @@ class Demo:
             history[k].append((question, ""))
             for partial in stream_answer(chat, question, self._sampling(model, temperature, max_new_tokens)):
                 history[k][-1] = (question, partial)
-                yield "", history
+                yield "", [list(turns) for turns in history]  # a snapshot: the next token changes history
 
     @staticmethod
     def _check(image: Image.Image | None, question: str) -> tuple[Image.Image, str]:
