@@ -170,14 +170,17 @@ class Demo:
                 return [_messages(turns[k] if k < len(turns) else []) for k in range(len(self.models))]
 
             def on_ask(image, text, temp, max_new, turns):
-                for cleared, updated in self.ask(image, text, temp, max_new, turns):
-                    yield cleared, updated, *show(updated)
+                try:
+                    for cleared, updated in self.ask(image, text, temp, max_new, turns):
+                        yield cleared, updated, *show(updated)
+                except ValueError as err:  # e.g. an image tag in a follow-up question: said on the page
+                    raise gr.Error(str(err)) from err
 
             inputs = [image, question, temperature, max_new_tokens, history]
             outputs = [question, history, *chats]
             send.click(on_ask, inputs, outputs, api_visibility="private")
             question.submit(on_ask, inputs, outputs, api_visibility="private")
-            for trigger in (clear.click, image.upload, image.clear):
+            for trigger in (clear.click, image.change):  # a new image (uploaded or an example) starts over
                 trigger(lambda: ([], *show([])), None, [history, *chats], api_visibility="private")
             api_ask.click(self.answer, [image, question, temperature, max_new_tokens], answers, api_name="answer")
         return page
