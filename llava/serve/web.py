@@ -144,8 +144,8 @@ class Demo:
                     question = gr.Textbox(label="Question", placeholder="What colour is the shape?", lines=2,
                                           elem_id="question")
                     with gr.Row():
-                        send = gr.Button("Ask", variant="primary", elem_id="ask")
-                        clear = gr.Button("Clear", elem_id="clear")
+                        send = gr.Button("Ask", variant="primary", elem_id="ask", min_width=60)
+                        clear = gr.Button("Clear", elem_id="clear", min_width=60)
                     with gr.Accordion("Generation", open=False):
                         temperature = gr.Slider(0.0, 1.5, value=self.temperature, step=0.1,
                                                 label="Temperature (0: greedy)")
