@@ -168,3 +168,13 @@ def test_how_to_chat_names_both_commands_with_the_base_for_the_adapters(tmp_path
                         "--examples data/eval")
     assert cli.endswith("-m llava.serve.cli --model-path out/dora --model-base out/base/vicuna-tiny "
                         "--image-file data/eval/vqav2/test2015/COCO_test2015_000000000001.jpg")
+
+
+@pytest.mark.parametrize("flag, layer", [("--load-4bit", "Linear4bit"), ("--load-8bit", "Linear8bitLt")])
+def test_quantization_flags_load_the_language_model_quantized(model_dir, flag, layer):
+    from llava.serve.cli import parse_args
+
+    args = parse_args(["--model-path", str(model_dir), "--image-file", "unused.png", "--device", "cpu", flag])
+    model = chat_lib.load_chat_model(args, args.model_path).loaded.model
+    assert type(model.get_model().layers[0].self_attn.q_proj).__name__ == layer
+    assert type(model.get_model().mm_projector[0]).__name__ == "Linear"  # the projector stays unquantized

@@ -178,11 +178,13 @@ class Demo:
 
             inputs = [image, question, temperature, max_new_tokens, history]
             outputs = [question, history, *chats]
-            send.click(on_ask, inputs, outputs, api_visibility="private")
-            question.submit(on_ask, inputs, outputs, api_visibility="private")
+            # One generation at a time over the shared models, whoever asks.
+            send.click(on_ask, inputs, outputs, api_visibility="private", concurrency_id="models")
+            question.submit(on_ask, inputs, outputs, api_visibility="private", concurrency_id="models")
             for trigger in (clear.click, image.change):  # a new image (uploaded or an example) starts over
                 trigger(lambda: ([], *show([])), None, [history, *chats], api_visibility="private")
-            api_ask.click(self.answer, [image, question, temperature, max_new_tokens], answers, api_name="answer")
+            api_ask.click(self.answer, [image, question, temperature, max_new_tokens], answers, api_name="answer",
+                          concurrency_id="models")
         return page
 
 
