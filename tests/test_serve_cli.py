@@ -62,7 +62,7 @@ def test_chat_answers_equal_the_evaluation_loop_and_carry_the_conversation(model
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, input="\n".join(QUESTIONS) + "\n", capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=300)
+                          env=env, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     printed = re.findall(r"ASSISTANT: (.*)\n", done.stdout)
     debug = [json.loads(line) for line in done.stderr.splitlines() if line.startswith('{"prompt"')]

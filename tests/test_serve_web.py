@@ -18,12 +18,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from test_dora_magnitude_mode import seed_format_checkpoint
+from test_serve_cli import SYSTEM, write_eval_folder
 
 from llava.eval import generation as gen
 from llava.model.builder import load_pretrained_model
 from llava.tiny_base import build_tiny_llava
-from test_dora_magnitude_mode import seed_format_checkpoint
-from test_serve_cli import SYSTEM, write_eval_folder
 
 try:
     import gradio_client  # noqa: F401
@@ -61,7 +61,8 @@ def expected(checkpoints) -> dict[str, str]:
     request = gen.Request(0, f"{SYSTEM} USER: <image>\n{QUESTION} ASSISTANT:", QUESTION, [gen.open_rgb(str(image))])
     answers = {}
     for label, (path, base) in zip(LABELS, [(full, None), (dora, full)]):
-        tokenizer, model, processor, _ = load_pretrained_model(str(path), None if base is None else str(base), device="cpu")
+        base = None if base is None else str(base)
+        tokenizer, model, processor, _ = load_pretrained_model(str(path), base, device="cpu")
         answers[label] = next(gen.Generator(model, tokenizer, processor, settings, batch_size=1).answer([request]))[1]
     assert all(answers.values()) and answers["FT"] != answers["DoRA"], answers
     return answers
@@ -129,7 +130,8 @@ def chromium():
         pytest.fail(f"The browser test needs Debian's chromium and its driver: {APT}.")
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,900"):
+    flags = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,900")
+    for flag in flags:
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(driver), options=options)
 
@@ -155,8 +157,11 @@ def test_page_shows_both_checkpoints_answers_to_an_uploaded_image(server, checkp
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#image img"))
         browser.find_element(By.CSS_SELECTOR, "#question textarea").send_keys(QUESTION)
         browser.find_element(By.ID, "ask").click()
+        def answered(k: int, label: str):
+            return lambda b: words(expected[label]) in words(b.find_element(By.ID, f"chat-{k}").text)
+
         for k, label in enumerate(LABELS):
-            wait.until(lambda b: words(expected[label]) in words(b.find_element(By.ID, f"chat-{k}").text))
+            wait.until(answered(k, label))
         chats = [words(browser.find_element(By.ID, f"chat-{k}").text) for k in range(2)]
         assert chats == [f"{label} {QUESTION} {words(expected[label])}" for label in LABELS]
         shot = tmp_path / "page.png"
@@ -188,5 +193,6 @@ def test_follow_up_questions_go_on_with_each_checkpoints_own_conversation(checkp
         model = demo.models[k].loaded
         prompt = f"{SYSTEM} USER: <image>\n{QUESTION} ASSISTANT: {expected[label]}</s>USER: {follow_up} ASSISTANT:"
         request = gen.Request(0, prompt, follow_up, [image])
-        second = next(gen.Generator(model.model, model.tokenizer, model.image_processor, settings, 1).answer([request]))[1]
+        generator = gen.Generator(model.model, model.tokenizer, model.image_processor, settings, batch_size=1)
+        second = next(generator.answer([request]))[1]
         assert final[k] == [(QUESTION, expected[label]), (follow_up, second)]

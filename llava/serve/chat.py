@@ -41,8 +41,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The evaluation's model flags plus 4/8-bit. The parser must resolve conflicts: CLI and web then
     redefine --model-path (required; one path or several)."""
     cli.add_model_arguments(parser, conv_mode=None)
-    parser.add_argument("--load-8bit", action="store_true", help="load the language model in 8 bits (bitsandbytes)")
-    parser.add_argument("--load-4bit", action="store_true", help="load the language model in 4 bits (bitsandbytes, nf4)")
+    parser.add_argument("--load-8bit", action="store_true", help="the language model in 8 bits (bitsandbytes)")
+    parser.add_argument("--load-4bit", action="store_true", help="the language model in 4 bits (bitsandbytes, nf4)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
@@ -51,7 +51,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float, 
     parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=max_new_tokens)
 
 
-def settings(temperature: float, max_new_tokens: int, conv_mode: str, top_p: float | None = None) -> gen.GenerationSettings:
+def settings(
+    temperature: float, max_new_tokens: int, conv_mode: str, top_p: float | None = None
+) -> gen.GenerationSettings:
+    """Sampling as asked, ending at the template's stop string (as evaluation ends answers)."""
     return gen.GenerationSettings(
         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, stop_str=gen.stop_str_for(conv_mode)
     )
@@ -140,7 +143,9 @@ class Chat:
         start_end = getattr(self.model.loaded.model.config, "mm_use_im_start_end", False)
         for k, (asked, answer) in enumerate([*self.turns, (question, None)]):
             if k > 0 and DEFAULT_IMAGE_TOKEN in asked:
-                raise ValueError(f"The image goes with the first question only: remove {DEFAULT_IMAGE_TOKEN} from this one.")
+                raise ValueError(
+                    f"The image goes with the first question only: remove {DEFAULT_IMAGE_TOKEN} from this one."
+                )
             conv.append_message(conv.roles[0], user_message(asked, start_end) if k == 0 else asked)
             conv.append_message(conv.roles[1], answer)
         return conv

@@ -71,10 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, conflict_handler="resolve"
     )
     chat_lib.add_model_arguments(parser)
-    parser.add_argument("--model-path", required=True, help="a checkpoint folder (full model, adapter or projector-only) or a hub id")
+    parser.add_argument("--model-path", required=True,
+                        help="a checkpoint folder (full model, adapter or projector-only) or a hub id")
     parser.add_argument("--image-file", required=True, help="a local image file, or an http(s) URL")
     chat_lib.add_sampling_arguments(parser, temperature=0.2, max_new_tokens=512)
-    parser.add_argument("--debug", action="store_true", help="after each answer, print the full prompt and answer as JSON on stderr")
+    parser.add_argument("--debug", action="store_true",
+                        help="after each answer, print the full prompt and the answer as JSON on stderr")
     return parser.parse_args(argv)
 
 

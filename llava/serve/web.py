@@ -67,7 +67,7 @@ def stream_answer(chat: chat_lib.Chat, question: str, sampling: Any) -> Iterator
     def work() -> None:
         try:
             outcome["answer"] = chat.ask(question, sampling, streamer)
-        except Exception as err:  # handed to the caller below
+        except Exception as err:  # noqa: BLE001  (any failure is re-raised in the caller below)
             outcome["error"] = err
             streamer.end()
 
@@ -150,12 +150,11 @@ class Demo:
                         temperature = gr.Slider(0.0, 1.5, value=self.temperature, step=0.1,
                                                 label="Temperature (0: greedy)")
                         max_new_tokens = gr.Slider(1, 1024, value=self.max_new_tokens, step=1, label="Max new tokens")
-                with gr.Column(scale=3):
-                    with gr.Row():
-                        chats = [
-                            gr.Chatbot(label=model.label, elem_id=f"chat-{k}", height=360)
-                            for k, model in enumerate(self.models)
-                        ]
+                with gr.Column(scale=3), gr.Row():
+                    chats = [
+                        gr.Chatbot(label=model.label, elem_id=f"chat-{k}", height=360)
+                        for k, model in enumerate(self.models)
+                    ]
             if self.examples:
                 gr.Examples(
                     examples=[[str(e.image), e.question] for e in self.examples],
