@@ -3,6 +3,7 @@
 # with the pinned releases below. Idempotent: a second run only checks and returns.
 #   bash scripts/setup.sh            CPU / default install
 #   EXTRAS=gpu bash scripts/setup.sh  also flash-attn (needs CUDA)
+#   BROWSER=1 bash scripts/setup.sh   also Debian's chromium for the web demo's browser test (scripts/test.sh)
 # bitsandbytes (--bits 4/8, QDoRA) is a default dependency: its 4-bit and 8-bit layers also run on a CPU.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,8 +13,9 @@ STAMP="$VENV/.setup-stamp"
 # The stamp records what was installed; it changes whenever the pins or the project metadata do.
 WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/peft/pyproject.toml" "$ROOT/scripts/setup.sh" | sha256sum | cut -c1-16)${EXTRAS:+-$EXTRAS}"
 
-# The web demo's browser test drives Debian's chromium through chromedriver (selenium downloads nothing).
-if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+# The web demo's browser test drives Debian's chromium through chromedriver (selenium downloads nothing);
+# only the test command asks for it (BROWSER=1), so the demo never installs a browser.
+if [ "${BROWSER:-0}" = 1 ] && { ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; }; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing chromium and chromium-driver with apt-get (for the web demo's browser test)"
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
