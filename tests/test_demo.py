@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ def test_quick_demo_runs_every_stage_and_prints_the_table(tmp_path):
     assert (data / "train" / "llava_demo_mix.json").exists() and (data / "eval" / "pope" / "llava_pope_test.jsonl").exists()
     assert (out / "base" / "vicuna-tiny" / "model.safetensors").exists()
     assert (out / "base" / "clip-tiny" / "preprocessor_config.json").exists()
+    assert (out / "base" / "clip-tiny" / ".done").exists()  # the contrastive stage ran on the tower
     assert (out / "projector" / "mm_projector.bin").exists()
     assert (out / "ft" / "model.safetensors").exists()
     for method in ("lora", "dora"):
@@ -57,6 +59,15 @@ def test_quick_demo_runs_every_stage_and_prints_the_table(tmp_path):
     # Counted as the paper counts (frozen vision tower in the total): full finetuning stays under 100%.
     assert 50 < params["FT"] < 100 and 0 < params["LoRA"] < params["DoRA (trained m)"] < params["FT"], params
 
+    # Beside the table: the same table in a file and the study as a picture; each stage reports progress.
+    assert (out / "table.md").read_text().startswith("| Method |")
+    assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for stage in ("language model step", "vision tower step", "[projector] step", "[finetune FT] step",
+                  "[finetune DoRA] step", "[evaluate LoRA] POPE: 18 questions answered"):
+        assert stage in result.stderr, stage
+    state = json.loads((out / "lora" / "trainer_state.json").read_text())
+    assert any("loss" in entry for entry in state["log_history"])
+
     rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "done already" in rerun.stderr and "[finetune DoRA] ..." not in rerun.stderr
@@ -65,12 +76,36 @@ def test_quick_demo_runs_every_stage_and_prints_the_table(tmp_path):
 def test_another_seed_gets_its_own_folders_unless_they_are_given(tmp_path):
     from llava.demo.run import DemoConfig, parse_args
 
-    cfg, _ = parse_args([])
+    [cfg], _ = parse_args([])
     assert (cfg.seed, cfg.data_dir, cfg.out_dir) == (0, DemoConfig.data_dir, DemoConfig.out_dir)
-    cfg, _ = parse_args(["--seed", "3"])
+    [cfg], _ = parse_args(["--seed", "3"])
     assert cfg.seed == 3
     assert cfg.data_dir == DemoConfig.data_dir.parent / "demo-seed3"
     assert cfg.out_dir == DemoConfig.out_dir.parent / "demo-seed3"
-    cfg, _ = parse_args(["--seed", "3", "--out-dir", str(tmp_path), "--quick"])
+    [cfg], _ = parse_args(["--seed", "3", "--out-dir", str(tmp_path), "--quick"])
     assert cfg.out_dir == tmp_path and cfg.data_dir == DemoConfig.data_dir.parent / "demo-seed3"
     assert cfg.lm_steps < DemoConfig.lm_steps  # --quick shortens the run
+
+
+def test_a_stage_is_reused_only_when_made_with_the_same_settings(tmp_path):
+    from dataclasses import replace
+
+    from llava.demo.run import DemoConfig, settings, stage
+
+    calls = []
+    cfg = DemoConfig(data_dir=tmp_path / "d", out_dir=tmp_path / "o")
+    marker = tmp_path / "o" / "stage" / ".done"
+
+    def run(config):
+        stage("x", marker, settings(config))(calls.append)(config.seed)
+
+    run(cfg)
+    run(cfg)
+    assert calls == [0]  # done once, then reused
+    run(replace(cfg, out_dir=tmp_path / "elsewhere", log_every=7))
+    assert calls == [0]  # where outputs go and how a stage logs do not change what it makes
+    run(replace(cfg, n_train=cfg.n_train + 1))
+    assert calls == [0, 0]  # another setting: the stage runs again
+    marker.write_text("ok\n")  # a marker from before markers held settings
+    run(cfg)
+    assert calls == [0, 0, 0] and marker.read_text() == settings(cfg)

@@ -49,6 +49,29 @@ def test_batches_hold_whole_documents_padded_and_never_learned():
             assert row_labels == doc[1] + [IGNORE_INDEX] * (len(row_ids) - len(doc[0]))
 
 
+def test_length_grouped_batches_hold_the_same_whole_documents_with_less_padding():
+    docs = [([1] + [5] * n + [2], [1] + [5] * n + [2]) for n in range(1, 200, 3)]
+    lengths = sorted(len(ids) for ids, _ in docs)
+
+    def padding(group: int) -> tuple[float, int]:
+        batches = document_batches(docs, batch_size=8, pad_id=0, generator=torch.Generator().manual_seed(1), group=group)
+        real = total = 0
+        for _ in range(64):
+            ids, labels = next(batches)
+            for row_ids, row_labels in zip(ids.tolist(), labels.tolist()):
+                n = len(row_ids) - row_ids[::-1].index(2)  # whole document up to its EOS, then padding
+                assert n in lengths and row_ids[n:] == [0] * (len(row_ids) - n)
+                assert row_labels[:n] == row_ids[:n] and set(row_labels[n:]) <= {IGNORE_INDEX}
+                real += n
+            total += ids.numel()
+        return real / total, ids.shape[0]
+
+    plain, grouped = padding(1), padding(8)
+    assert plain[1] == grouped[1] == 8
+    # Lengths spread evenly from 3 to 201: a random batch of 8 is mostly padding, a sorted one hardly.
+    assert grouped[0] > 0.85 and plain[0] < 0.7
+
+
 def _sentence_loss(model_dir, text: str) -> float:
     from transformers import AutoTokenizer, LlamaForCausalLM
 

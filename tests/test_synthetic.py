@@ -91,6 +91,19 @@ def test_another_seed_gives_other_data(data, tmp_path):
 # ---------------------------------------------------------------- training data
 
 
+def test_multiple_choice_benchmarks_get_a_double_share_of_the_mix(data):
+    from llava.demo.synthetic import TRAIN_SHARES, _split_by_shares
+
+    # 9 shares: 9000 items are 1000 a share; 10 items are 1 a share-1 and 2 a share-2 part (9), one left over.
+    assert _split_by_shares(9000, TRAIN_SHARES) == {b: 1000 * TRAIN_SHARES[b] for b in BENCHMARKS}
+    assert _split_by_shares(10, TRAIN_SHARES) == {"vqav2": 2, "gqa": 1, "vizwiz": 1, "scienceqa": 2, "textvqa": 1,
+                                                 "pope": 1, "mmbench": 2}
+    samples = json.loads(data[1]["train"].read_text())
+    counts = Counter(s["id"].split("-")[0] for s in samples)
+    assert counts == _split_by_shares(SIZES["n_train"], TRAIN_SHARES)
+    assert counts["mmbench"] >= 2 * counts["pope"] - 1
+
+
 def test_training_mix_is_in_the_mix665k_format(data):
     from llava.train.data import load_samples
 
@@ -124,6 +137,22 @@ def test_pretraining_pairs(data):
         assert human["from"] == "human" and human["value"].startswith("<image>\n") and gpt["from"] == "gpt"
         assert gpt["value"] and "<image>" not in gpt["value"]
         assert (data[1]["pretrain_image_folder"] / sample["image"]).is_file()
+
+
+def test_caption_pairs_for_the_vision_tower(data):
+    """Every pretraining image has its plain caption (the contrastive stage's pairs); where the
+    stage-1 sample is captioned with a sentence too, it is the same sentence."""
+    samples = json.loads(data[1]["pretrain"].read_text())
+    pairs = json.loads((data[1]["pretrain_image_folder"] / "llava_demo_captions.json").read_text())
+    assert [p["image"] for p in pairs] == [s["image"] for s in samples]
+    corpus = set((data[0] / "text" / "corpus.txt").read_text().splitlines())
+    sentence = re.compile(r"^(an? |one |two |three |the word |random colored noise|a plain gray image)")
+    for pair, sample in zip(pairs, samples):
+        assert set(pair) == {"image", "caption"} and sentence.match(pair["caption"]), pair
+        assert pair["caption"] in corpus
+        text = sample["conversations"][1]["value"]
+        if " yes" not in text and "The answer is" not in text:
+            assert text == pair["caption"]
 
 
 SHAPE_WORDS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}

@@ -6,23 +6,35 @@ reuses what is finished (``--fresh`` starts over):
 1. data        synthetic images and conversations in the real formats (llava.demo.synthetic)
 2. base        a tiny CLIP + LLaMA built from configs, its tokenizer trained on the generated text,
                its language model briefly pretrained on that text (as Vicuna is for the real model)
-3. projector   stage-1 projector pretraining (projector only, ``plain`` template)
-4. finetune    full finetuning, LoRA and DoRA through ``Dora_7b.sh`` (same module and flags, sizes scaled)
-5. evaluate    every checkpoint, and the untrained base, through ``7B_eval_dora.sh`` on all seven benchmarks
-6. table       the paper-style table
+3. vision      the CLIP vision tower pretrained contrastively on generated image/caption pairs
+               (as the real tower is; llava.demo.pretrain_clip)
+4. projector   stage-1 projector pretraining (projector only, ``plain`` template)
+5. finetune    full finetuning, LoRA and DoRA through ``Dora_7b.sh`` (same module and flags, sizes scaled)
+6. evaluate    every checkpoint, and the untrained base, through ``7B_eval_dora.sh`` on all seven benchmarks
+7. table       the paper-style table (table.md) and the study as a picture (study.png) in the output folder
+
+``--seeds 0 1 2`` runs the study once per seed, each in its own folders, and adds the table as
+mean ± standard deviation over the seeds (llava.demo.report).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import json
 import logging
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
+
+from llava.serve import how_to_chat
 
 logger = logging.getLogger("demo")
 
@@ -36,9 +48,12 @@ class DemoConfig:
     data_dir: Path = ROOT / "playground" / "data" / "demo"
     out_dir: Path = ROOT / "checkpoints" / "demo"
     seed: int = 0
-    n_train: int = 3000
-    n_eval: int = 40
-    lm_steps: int = 2000
+    n_train: int = 6000
+    n_pretrain: int = 3000
+    n_text: int = 6000
+    n_eval: int = 100
+    lm_steps: int = 1000
+    clip_steps: int = 400
     projector_epochs: float = 2.0
     finetune_epochs: float = 2.0
     lora_r: int = 16
@@ -48,6 +63,8 @@ class DemoConfig:
     lr_projector: float = 2e-3
     batch: int = 16
     eval_batch: int = 16
+    logging_steps: int = 10
+    log_every: int = 50
     methods: tuple[str, ...] = ("ft", "lora", "dora")
     sizes: dict = field(default_factory=lambda: dict(vocab_size=800, hidden_size=128, intermediate_size=256, num_layers=3))
 
@@ -55,19 +72,36 @@ class DemoConfig:
 ROW_NAMES = {"base": "Base (untrained)", "ft": "FT", "lora": "LoRA", "dora": "DoRA"}
 
 
-def stage(name: str, marker: Path):
-    """Run the decorated stage unless its marker exists; write the marker when it succeeds."""
+STUDY_VERSION = 2  # raised whenever a stage's output changes for the same settings
+PRESENTATION_FIELDS = ("data_dir", "out_dir", "eval_batch", "logging_steps", "log_every")
+
+
+def settings(cfg: DemoConfig) -> str:
+    """What a stage's output depends on: every setting of the study (not where it goes or how it
+    logs), and the study's version. Each stage's marker holds it, so a rerun after a change of
+    settings or of the study redoes the stages instead of reusing outputs made another way."""
+    fields = {k: v for k, v in asdict(cfg).items() if k not in PRESENTATION_FIELDS}
+    return json.dumps({"study_version": STUDY_VERSION, **fields}, sort_keys=True, default=list) + "\n"
+
+
+def stage(name: str, marker: Path, made_with: str):
+    """Run the decorated stage unless its marker says it was done with ``made_with``; write the marker
+    when it succeeds. A marker with other settings is stale: the stage runs again."""
 
     def wrap(fn):
         def run(*args, **kwargs):
             if marker.exists():
-                logger.info("[%s] done already (%s): reusing it", name, marker.parent)
-                return
+                if marker.read_text() == made_with:
+                    logger.info("[%s] done already (%s): reusing it", name, marker.parent)
+                    return
+                logger.info("[%s] was made with other settings or an older version of the demo (%s): redoing it",
+                            name, marker)
+                marker.unlink()
             start = time.monotonic()
             logger.info("[%s] ...", name)
             fn(*args, **kwargs)
             marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text("ok\n")
+            marker.write_text(made_with)
             logger.info("[%s] finished in %.0f s", name, time.monotonic() - start)
 
         return run
@@ -75,41 +109,108 @@ def stage(name: str, marker: Path):
     return wrap
 
 
-def sh(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> None:
-    """Run a command from the repository root; its output goes to ``log`` and is shown if it fails."""
+def sh(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None,
+       progress: Callable[[str], str | None] | None = None) -> None:
+    """Run a command from the repository root; its output goes to ``log`` and is shown if it fails.
+
+    Each output line (a progress bar's carriage-return updates split apart) is offered to
+    ``progress``, and what it returns is logged: the terminal shows steps and questions as they go.
+    """
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(env or {})}
     if log is None:
         subprocess.run(cmd, cwd=ROOT, env=full_env, check=True)
         return
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        result = subprocess.run(cmd, cwd=ROOT, env=full_env, stdout=f, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
+    with open(log, "wb") as f:
+        child = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for line in child.stdout:
+            f.write(line)
+            f.flush()
+            for piece in re.split(r"[\r\n]", line.decode("utf-8", "replace")):
+                message = progress(piece) if progress and piece.strip() else None
+                if message:
+                    logger.info(message)
+        returncode = child.wait()
+    if returncode != 0:
         tail = log.read_text()[-4000:]
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {result.returncode}); log: {log}\n{tail}")
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {returncode}); log: {log}\n{tail}")
+
+
+def training_progress(name: str, steps: int, every: int, logging_steps: int = 10) -> Callable[[str], str | None]:
+    """Reads the Trainer's log lines ({'loss': ..., 'epoch': ...}, one per ``logging_steps`` steps)
+    and reports every ``every`` steps: step, epoch and loss."""
+    seen = 0
+
+    def report(line: str) -> str | None:
+        nonlocal seen
+        if not line.startswith("{") or "'loss'" not in line or "train_runtime" in line:
+            return None
+        seen += 1
+        step = min(seen * logging_steps, steps)
+        if step % every and step != steps:
+            return None
+        entry = ast.literal_eval(line.strip())
+        return f"[{name}] step {step}/{steps} (epoch {float(entry['epoch']):.2f}): loss {float(entry['loss']):.3f}"
+
+    return report
+
+
+def eval_progress(name: str) -> Callable[[str], str | None]:
+    """Reports each benchmark of 7B_eval_dora.sh once its questions are answered (the generation
+    loop's progress bar, named after its answers file, reaches its total)."""
+    state = {"benchmark": "", "reported": ""}
+
+    def report(line: str) -> str | None:
+        if line.startswith("== "):
+            state["benchmark"] = line[3:].strip()
+            return None
+        done = re.search(r"\.jsonl: *100%\|.*\| *(\d+)/(\d+) \[", line)
+        if done and done.group(1) == done.group(2) and state["reported"] != state["benchmark"]:
+            state["reported"] = state["benchmark"]
+            return f"[evaluate {name}] {state['benchmark']}: {done.group(2)} questions answered"
+        return None
+
+    return report
+
+
+def optimizer_steps(samples: int, batch: int, epochs: float) -> int:
+    """The Trainer's number of optimizer steps (one process, no accumulation)."""
+    return math.ceil(math.ceil(samples / batch) * epochs)
 
 
 def make_data(cfg: DemoConfig) -> None:
     from llava.demo.synthetic import generate
 
-    generate(cfg.data_dir, seed=cfg.seed, n_train=cfg.n_train, n_eval=cfg.n_eval)
+    generate(cfg.data_dir, seed=cfg.seed, n_train=cfg.n_train, n_eval=cfg.n_eval, n_pretrain=cfg.n_pretrain,
+             n_text=cfg.n_text)
 
 
 def make_base(cfg: DemoConfig) -> None:
     from llava.demo.pretrain_lm import pretrain_language_model
     from llava.tiny_base import TinySizes, build_tiny_base
 
+    shutil.rmtree(cfg.out_dir / "base", ignore_errors=True)
     corpus = cfg.data_dir / "text" / "corpus.txt"
     sentences = corpus.read_text().splitlines()
     base = build_tiny_base(cfg.out_dir / "base", sentences, TinySizes(**cfg.sizes), seed=cfg.seed)
     text = cfg.data_dir / "text"
     pretrain_language_model(base.language_model, corpus, text / "llava_demo_text.json", text / "llava_demo_facts.json",
-                            steps=cfg.lm_steps, seed=cfg.seed)
+                            steps=cfg.lm_steps, seed=cfg.seed, log_every=cfg.log_every * 4)
+
+
+def pretrain_vision(cfg: DemoConfig) -> None:
+    from llava.demo.pretrain_clip import pretrain_vision_tower
+
+    pretrain = cfg.data_dir / "pretrain"
+    pretrain_vision_tower(cfg.out_dir / "base" / "clip-tiny", cfg.out_dir / "base" / "vicuna-tiny",
+                          pretrain / "llava_demo_captions.json", pretrain, steps=cfg.clip_steps, seed=cfg.seed,
+                          log_every=cfg.log_every)
 
 
 def pretrain_projector(cfg: DemoConfig) -> None:
     base = cfg.out_dir / "base"
     train = cfg.data_dir / "pretrain"
+    steps = optimizer_steps(cfg.n_pretrain, cfg.batch, cfg.projector_epochs)
     sh(
         [sys.executable, "-m", "llava.train.train_mem",
          "--model_name_or_path", str(base / "vicuna-tiny"), "--version", "plain",
@@ -120,10 +221,11 @@ def pretrain_projector(cfg: DemoConfig) -> None:
          "--output_dir", str(cfg.out_dir / "projector"), "--num_train_epochs", str(cfg.projector_epochs),
          "--per_device_train_batch_size", str(cfg.batch), "--gradient_accumulation_steps", "1",
          "--save_strategy", "no", "--learning_rate", str(cfg.lr_projector), "--weight_decay", "0.",
-         "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine", "--logging_steps", "10",
+         "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine", "--logging_steps", str(cfg.logging_steps),
          "--model_max_length", "512", "--dataloader_num_workers", "0", "--lazy_preprocess", "True",
          "--report_to", "none", "--seed", str(cfg.seed), "--disable_tqdm", "True"],
         log=cfg.out_dir / "logs" / "projector.log",
+        progress=training_progress("projector", steps, cfg.log_every, cfg.logging_steps),
     )  # fmt: skip
 
 
@@ -150,10 +252,12 @@ def finetune(cfg: DemoConfig, method: str) -> None:
     }[method]
     flags = ["--lora_r", str(cfg.lora_r), "--lora_alpha", str(cfg.lora_alpha), "--mm_projector_lr", str(cfg.lr_projector),
              "--num_train_epochs", str(cfg.finetune_epochs), "--model_max_length", "512",
-             "--dataloader_num_workers", "0", "--logging_steps", "10", "--gradient_checkpointing", "False",
+             "--dataloader_num_workers", "0", "--logging_steps", str(cfg.logging_steps), "--gradient_checkpointing", "False",
              "--seed", str(cfg.seed), "--disable_tqdm", "True", *method_flags]  # fmt: skip
     shutil.rmtree(cfg.out_dir / method, ignore_errors=True)
-    sh(["bash", "Dora_7b.sh", *flags], env=env, log=cfg.out_dir / "logs" / f"finetune_{method}.log")
+    steps = optimizer_steps(cfg.n_train, cfg.batch, cfg.finetune_epochs)
+    sh(["bash", "Dora_7b.sh", *flags], env=env, log=cfg.out_dir / "logs" / f"finetune_{method}.log",
+       progress=training_progress(f"finetune {ROW_NAMES[method]}", steps, cfg.log_every, cfg.logging_steps))
 
 
 def untrained_reference(cfg: DemoConfig) -> Path:
@@ -166,8 +270,11 @@ def untrained_reference(cfg: DemoConfig) -> Path:
 
 
 def evaluate(cfg: DemoConfig, name: str, checkpoint: Path) -> None:
+    """One row through 7B_eval_dora.sh. Answers left by an earlier attempt are moved aside (FRESH=1):
+    this stage only runs when it was not finished with the current checkpoints."""
     results = cfg.out_dir / "results"
     env = {
+        "FRESH": "1",
         "MODEL_BASE": str(cfg.out_dir / "base" / "vicuna-tiny"),
         "PYTHON": sys.executable,
         "BATCH_SIZE": str(cfg.eval_batch),
@@ -175,66 +282,132 @@ def evaluate(cfg: DemoConfig, name: str, checkpoint: Path) -> None:
         "CUDA_VISIBLE_DEVICES": "",
     }
     sh(["bash", "7B_eval_dora.sh", ROW_NAMES[name], str(checkpoint), str(cfg.data_dir / "eval"), str(results), str(ROOT)],
-       env=env, log=cfg.out_dir / "logs" / f"eval_{name}.log")  # fmt: skip
+       env=env, log=cfg.out_dir / "logs" / f"eval_{name}.log", progress=eval_progress(ROW_NAMES[name]))  # fmt: skip
 
 
-def table(cfg: DemoConfig) -> str:
-    from llava.eval.summarize import find_results, load_results, render_table
+def result_rows(cfg: DemoConfig) -> list[dict]:
+    """The results.json rows of the base and every method, in table order."""
+    from llava.eval.summarize import find_results, load_results
 
     results = cfg.out_dir / "results"
-    paths = find_results([results / ROW_NAMES[name] for name in ("base", *cfg.methods)])
-    return render_table([load_results(p) for p in paths])
+    return [load_results(p) for p in find_results([results / ROW_NAMES[name] for name in ("base", *cfg.methods)])]
+
+
+def losses(cfg: DemoConfig) -> dict[str, list[tuple[int, float]]]:
+    from llava.demo.report import loss_history
+
+    return {ROW_NAMES[m]: loss_history(cfg.out_dir / m) for m in cfg.methods}
+
+
+def report(cfg: DemoConfig) -> str:
+    """The paper-style table, written with the study's picture into the output folder."""
+    from llava.demo.report import draw_study
+    from llava.eval.summarize import render_table
+
+    table = render_table(result_rows(cfg))
+    (cfg.out_dir / "table.md").write_text(table + "\n")
+    draw_study(cfg.out_dir / "study.png", {cfg.seed: {"rows": result_rows(cfg), "losses": losses(cfg)}},
+               f"Tiny study, seed {cfg.seed}: FT vs LoRA vs DoRA")
+    logger.info("Table and picture: %s, %s", cfg.out_dir / "table.md", cfg.out_dir / "study.png")
+    return table
 
 
 def run(cfg: DemoConfig, fresh: bool = False) -> str:
     if fresh:
         for path in (cfg.data_dir, cfg.out_dir):
             shutil.rmtree(path, ignore_errors=True)
-    stage("data", cfg.data_dir / ".done")(make_data)(cfg)
-    stage("base", cfg.out_dir / "base" / ".done")(make_base)(cfg)
-    stage("projector", cfg.out_dir / "projector" / ".done")(pretrain_projector)(cfg)
+    made_with = settings(cfg)
+    stage("data", cfg.data_dir / ".done", made_with)(make_data)(cfg)
+    stage("base", cfg.out_dir / "base" / ".done", made_with)(make_base)(cfg)
+    stage("vision", cfg.out_dir / "base" / "clip-tiny" / ".done", made_with)(pretrain_vision)(cfg)
+    stage("projector", cfg.out_dir / "projector" / ".done", made_with)(pretrain_projector)(cfg)
     for method in cfg.methods:
-        stage(f"finetune {ROW_NAMES[method]}", cfg.out_dir / method / ".done")(finetune)(cfg, method)
+        stage(f"finetune {ROW_NAMES[method]}", cfg.out_dir / method / ".done", made_with)(finetune)(cfg, method)
     checkpoints = {"base": untrained_reference(cfg), **{m: cfg.out_dir / m for m in cfg.methods}}
     for name, checkpoint in checkpoints.items():
         marker = cfg.out_dir / "results" / ROW_NAMES[name] / ".done"
-        stage(f"evaluate {ROW_NAMES[name]}", marker)(evaluate)(cfg, name, checkpoint)
-    return table(cfg)
+        stage(f"evaluate {ROW_NAMES[name]}", marker, made_with)(evaluate)(cfg, name, checkpoint)
+    return report(cfg)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, argparse.Namespace]:
+def run_seeds(cfgs: list[DemoConfig], summary_dir: Path, fresh: bool = False) -> str:
+    """The study once per seed, then the table as mean ± std over the seeds (table.md and study.png
+    in ``summary_dir``); returns the per-seed tables and the summary."""
+    from llava.demo.report import draw_study, summary_table
+
+    parts = []
+    for cfg in cfgs:
+        start = time.monotonic()
+        logger.info("=== seed %d (%s)", cfg.seed, cfg.out_dir)
+        table = run(cfg, fresh=fresh)
+        parts.append(f"Seed {cfg.seed} ({(time.monotonic() - start) / 60:.1f} min this call):\n\n{table}")
+    runs = {cfg.seed: {"rows": result_rows(cfg), "losses": losses(cfg)} for cfg in cfgs}
+    summary = summary_table({seed: run["rows"] for seed, run in runs.items()})
+    summary_dir.mkdir(parents=True, exist_ok=True)
+    (summary_dir / "table.md").write_text(summary + "\n")
+    seeds = " ".join(str(cfg.seed) for cfg in cfgs)
+    draw_study(summary_dir / "study.png", runs, f"Tiny study over seeds {seeds}: mean ± std (dots: seeds)")
+    logger.info("Table over seeds and picture: %s, %s", summary_dir / "table.md", summary_dir / "study.png")
+    return "\n\n".join(parts + [f"Over seeds {seeds}:\n\n{summary}"])
+
+
+def seed_folder(folder: Path, seed: int) -> Path:
+    """Seed 0 keeps the folder's name; another seed gets its own folder beside it (name-seedN)."""
+    return folder.with_name(folder.name + f"-seed{seed}") if seed else folder
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[list[DemoConfig], argparse.Namespace]:
+    """One config per seed (``--seed N``, or each of ``--seeds``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fresh", action="store_true", help="delete the demo's data and checkpoints first")
     parser.add_argument("--data-dir", type=Path, help=f"default: {DemoConfig.data_dir.relative_to(ROOT)}[-seedN]")
     parser.add_argument("--out-dir", type=Path, help=f"default: {DemoConfig.out_dir.relative_to(ROOT)}[-seedN]")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the data, the base and every run (default 0); another seed gets its own folders")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0,
+                       help="seed of the data, the base and every run (default 0); another seed gets its own folders")
+    seeds.add_argument("--seeds", type=int, nargs="+",
+                       help="run the study once per seed, each in its own folders (with --data-dir / --out-dir: "
+                            "DIR for seed 0, DIR-seedN for the others), then the table as mean ± std over them")
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (the test suite's run)")
     args = parser.parse_args(argv)
-    suffix = f"-seed{args.seed}" if args.seed else ""
-    cfg = DemoConfig(
-        data_dir=args.data_dir or DemoConfig.data_dir.with_name(DemoConfig.data_dir.name + suffix),
-        out_dir=args.out_dir or DemoConfig.out_dir.with_name(DemoConfig.out_dir.name + suffix),
-        seed=args.seed,
-    )
-    return (quick(cfg) if args.quick else cfg), args
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+        parser.error("--seeds: each seed once")
+    cfgs = []
+    for seed in args.seeds if args.seeds is not None else [args.seed]:
+        several = args.seeds is not None
+        data = seed_folder(args.data_dir, seed) if args.data_dir and several else args.data_dir
+        out = seed_folder(args.out_dir, seed) if args.out_dir and several else args.out_dir
+        cfg = DemoConfig(data_dir=data or seed_folder(DemoConfig.data_dir, seed),
+                         out_dir=out or seed_folder(DemoConfig.out_dir, seed), seed=seed)
+        cfgs.append(quick(cfg) if args.quick else cfg)
+    return cfgs, args
+
+
+def summary_folder(out_dir: Path, seeds: list[int]) -> Path:
+    """Where the table over seeds goes: beside the seeds' folders, named after them (demo-seeds0-1-2)."""
+    return out_dir.with_name(out_dir.name + "-seeds" + "-".join(map(str, seeds)))
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, args = parse_args(argv)
+    cfgs, args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     start = time.monotonic()
-    result = run(cfg, fresh=args.fresh)
+    if args.seeds is None:
+        result = run(cfgs[0], fresh=args.fresh)
+        where = cfgs[0].out_dir
+    else:
+        where = summary_folder(args.out_dir or DemoConfig.out_dir, args.seeds)
+        result = run_seeds(cfgs, where, fresh=args.fresh)
     print("\n" + result)
-    print(f"\nDemo finished in {(time.monotonic() - start) / 60:.1f} min; outputs in {cfg.out_dir}")
+    print(f"\nDemo finished in {(time.monotonic() - start) / 60:.1f} min; outputs in {where}")
+    print("\n" + how_to_chat(cfgs[0].out_dir, cfgs[0].methods, cfgs[0].data_dir / "eval"))
 
 
 def quick(cfg: DemoConfig) -> DemoConfig:
     """A shortened run for the test suite: every stage, a few steps each."""
-    cfg.n_train, cfg.n_eval, cfg.lm_steps = 200, 6, 5
-    cfg.projector_epochs, cfg.finetune_epochs = 0.25, 0.25
-    cfg.lora_r, cfg.lora_alpha, cfg.batch = 4, 8, 8
-    return cfg
+    return replace(cfg, n_train=230, n_pretrain=200, n_text=400, n_eval=6, lm_steps=5, clip_steps=5,
+                   projector_epochs=0.25, finetune_epochs=0.25, lora_r=4, lora_alpha=8, batch=8, logging_steps=2,
+                   log_every=4)
 
 
 if __name__ == "__main__":

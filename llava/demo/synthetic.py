@@ -707,10 +707,24 @@ def training_sample(rng: random.Random, benchmark: str, index: int, image_folder
     return sample
 
 
+TRAIN_SHARES = {"vqav2": 1, "gqa": 1, "vizwiz": 1, "scienceqa": 2, "textvqa": 1, "pope": 1, "mmbench": 2}
+
+
+def _split_by_shares(n: int, shares: dict[str, int]) -> dict[str, int]:
+    """n items split in proportion to ``shares``, the remainder going one each to the first parts."""
+    total = sum(shares.values())
+    counts = {part: n * share // total for part, share in shares.items()}
+    for part in list(shares)[: n - sum(counts.values())]:
+        counts[part] += 1
+    return counts
+
+
 def write_train(out_dir: Path, seed: int, n: int, corpus: Corpus) -> Path:
-    """The instruction-tuning mix: every benchmark's question types, balanced, shuffled together."""
+    """The instruction-tuning mix: every benchmark's question types, balanced within a benchmark,
+    shuffled together. The two multiple-choice benchmarks get a double share (TRAIN_SHARES): picking
+    the letter of the option that names what the image shows is the skill a tiny model learns last."""
     samples = []
-    for benchmark, count in _split_evenly(n, BENCHMARKS).items():
+    for benchmark, count in _split_by_shares(n, TRAIN_SHARES).items():
         rng = stream(seed, "train", benchmark)
         for index, drawn in enumerate(draw_questions(rng, benchmark, count)):
             samples.append(training_sample(rng, benchmark, index, out_dir, drawn, corpus))
@@ -776,15 +790,51 @@ def choice_facts(benchmark: str, scene: Scene, question: Question, described: bo
     return f"{context}{hint}{question.text}\n{options}\nThe answer is {question.answer}."
 
 
+QUIZ_ASKS: tuple[tuple[Callable[[random.Random, Scene], Question], str], ...] = (
+    (ask_colour, "vqav2"), (ask_shape, "vqav2"), (ask_count, "vqav2"), (ask_sqa_colour, "scienceqa"),
+    (ask_sqa_count, "scienceqa"), (ask_sqa_shape_at, "scienceqa"), (ask_mmb_colour, "mmbench"), (ask_mmb_shape, "mmbench"),
+)
+QUIZ_ASKS_SINGLE = ((ask_side, "gqa"), (ask_height, "gqa"), (ask_side_colour, "gqa"), (ask_verify_side, "gqa"),
+                    (ask_choose_shape, "gqa"), (ask_mmb_where, "mmbench"))
+QUIZ_EXISTS = ((ask_colour_shape_exists, "vqav2"), (ask_object_exists, "pope"))
+QUIZ_QUESTIONS = 6
+
+
+def quiz(rng: random.Random, scene: Scene, short: bool) -> str:
+    """The scene in words, then six questions about it, each answered at once; every third asks whether
+    something is there (balanced yes/no, the hardest skill to learn).
+
+    The chats answer one or two questions after the template's role words; here every question's
+    answer follows it directly (``short``: the bare question and its options) or after its benchmark's
+    instruction line, so the step from "notice a word said before" (the inventories) to "answer a
+    question about it" gets a dense, close gradient.
+    """
+    asks = QUIZ_ASKS + (QUIZ_ASKS_SINGLE if scene.kind == "shapes" and len(scene.blobs) == 1 else ())
+    lines = [describe(scene)]
+    for k in range(QUIZ_QUESTIONS):
+        ask, benchmark = rng.choice(QUIZ_EXISTS if k % 3 == 0 else asks)
+        question = ask(rng, scene)
+        if short:
+            prompt = question.text + (f"\n{option_lines(question.choices)}" if question.choices else "")
+        else:
+            prompt = training_prompt(benchmark, question).replace(f"{IMAGE_TAG}\n", "")
+        lines.append(f"{prompt} {training_answer(question)}")
+    return "\n".join(lines)
+
+
 def write_text_facts(out_dir: Path, seed: int, n: int, corpus: Corpus) -> Path:
-    """Plain-text documents for the language model: scene inventories and worked multiple-choice answers."""
+    """Plain-text documents for the language model: n/2 scene inventories, n/2 worked multiple-choice
+    answers, and n quizzes (half in short form). The quizzes' lines stay out of the corpus (every
+    corpus line is also a document): a question and its answer without their scene teach nothing."""
     rng = stream(seed, "facts")
     documents = [inventory(rng, rng.choice((shapes_scene, single_scene, centred_scene))(rng)) for _ in range(n // 2)]
     for benchmark, count in _split_evenly(n - n // 2, ("scienceqa", "mmbench")).items():
         documents += [choice_facts(benchmark, scene, question)
                       for _, scene, question in draw_questions(stream(seed, "facts", benchmark), benchmark, count)]
-    rng.shuffle(documents)
     corpus.add(*documents)
+    quizzes = stream(seed, "facts", "quiz")
+    documents += [quiz(quizzes, quizzes.choice((shapes_scene, single_scene))(quizzes), short=k % 2 == 0) for k in range(n)]
+    rng.shuffle(documents)
     return _write_json(out_dir / "llava_demo_facts.json", documents)
 
 
@@ -814,14 +864,18 @@ def write_pretrain(out_dir: Path, seed: int, n: int, corpus: Corpus) -> Path:
     yes, ...") and 20% with a worked multiple-choice question about them ("A. red no\nB. blue yes\nThe
     answer is B."): the language model learned in its pretraining to notice a word said before, so
     these teach the projector to make image tokens that answer to the same words.
+
+    Every image's plain caption also goes to llava_demo_captions.json ({"image", "caption"}): the
+    pairs the vision tower's contrastive pretraining learns from, as CLIP learned from alt-texts.
     """
     rng = stream(seed, "pretrain")
     samplers = (shapes_scene, shapes_scene, single_scene, centred_scene, words_scene, unreadable_scene)
-    samples = []
+    samples, captions = [], []
     for index in range(n):
         scene = rng.choice(samplers)(rng)
         image = f"images/{index:06d}.jpg"
         save_image(scene, out_dir / image)
+        captions.append({"image": image, "caption": caption(scene)})
         request, draw = rng.choice(PRETRAIN_REQUESTS), rng.random()
         has_shapes = scene.kind in ("shapes", "centred")
         if has_shapes and draw < 0.4:
@@ -836,6 +890,8 @@ def write_pretrain(out_dir: Path, seed: int, n: int, corpus: Corpus) -> Path:
         corpus.add(request, text)
         samples.append({"id": f"pretrain-{index:06d}", "image": image,
                         "conversations": [_turn("human", f"{IMAGE_TAG}\n{request}"), _turn("gpt", text)]})
+    corpus.add(*(c["caption"] for c in captions))
+    _write_json(out_dir / "llava_demo_captions.json", captions)
     return _write_json(out_dir / "llava_demo_pretrain.json", samples)
 
 
@@ -1077,7 +1133,7 @@ def generate(out_root: str | Path, seed: int = 0, n_train: int = 4000, n_eval: i
 
     n_eval is the number of questions per benchmark (per category for POPE); n_pretrain defaults to
     n_train, n_text (text-only chats for the language model) to 2 * n_train. Every evaluation answer is a training answer once each benchmark's share of n_train
-    goes through all its (question type, answer) pairs: n_train >= 175 (7 benchmarks x 25).
+    goes through all its (question type, answer) pairs: n_train >= 225 (9 shares x 25, TRAIN_SHARES).
     """
     out_root = Path(out_root)
     n_pretrain = n_train if n_pretrain is None else n_pretrain

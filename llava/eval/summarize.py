@@ -227,7 +227,8 @@ def _format_number(value: float) -> str:
     return f"{value:.1f}"
 
 
-def _method_cell(row: Mapping[str, Any]) -> str:
+def method_cell(row: Mapping[str, Any]) -> str:
+    """The row's name, with the DoRA magnitude mode it was evaluated in."""
     label = MAGNITUDE_LABELS.get(row.get("dora_magnitudes"))
     return row["method"] if label is None else f"{row['method']} ({label})"
 
@@ -285,7 +286,7 @@ def render_table(rows: Sequence[Mapping[str, Any]], folders: Sequence[str] | Non
         weight_norm |= row.get("dora_magnitudes") == "weight_norm"
         params = row.get("params_percent")
         params_cell = "-" if params is None else f"{params:g}"
-        lines.append(f"| {_method_cell(row)} | {params_cell} | " + " | ".join(cells) + f" | {average} |")
+        lines.append(f"| {method_cell(row)} | {params_cell} | " + " | ".join(cells) + f" | {average} |")
     notes = []
     if partial_average:
         notes.append(f"* Avg over the benchmarks with a score only, not all {len(BENCHMARKS)}.")
