@@ -18,8 +18,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import (AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTextConfig,
-                          CLIPVisionConfig, CLIPVisionModel)
+from transformers import (
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPVisionModel,
+)
 
 logger = logging.getLogger(__name__)
 

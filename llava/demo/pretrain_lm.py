@@ -17,9 +17,13 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from llava.conversation import conv_templates
 from llava.constants import IGNORE_INDEX
-from llava.train.data import build_conversation_prompt, supervised_mask, tokenize_with_offsets
+from llava.conversation import conv_templates
+from llava.train.data import (
+    build_conversation_prompt,
+    supervised_mask,
+    tokenize_with_offsets,
+)
 
 logger = logging.getLogger(__name__)
 

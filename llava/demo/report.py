@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from llava.eval.summarize import BENCHMARKS, method_cell
 
@@ -70,8 +70,8 @@ def summary_table(runs: Mapping[int, Sequence[Mapping]]) -> str:
         cells = [_cell([scores(row)[title] for row in rows]) for title in [*COLUMNS, "Avg"]]
         lines.append(f"| {method} | {params_cell} | " + " | ".join(cells) + " |")
     seeds = ", ".join(str(seed) for seed in runs)
-    lines += ["", f"Mean ± sample standard deviation (n-1) over {len(runs)} seeds ({seeds}); "
-                  "Avg: over the seeds' averages."]
+    note = f"Mean ± sample standard deviation (n-1) over {len(runs)} seeds ({seeds}); Avg: over the seeds' averages."
+    lines += ["", note]
     return "\n".join(lines)
 
 

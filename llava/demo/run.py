@@ -48,11 +48,11 @@ class DemoConfig:
     data_dir: Path = ROOT / "playground" / "data" / "demo"
     out_dir: Path = ROOT / "checkpoints" / "demo"
     seed: int = 0
-    n_train: int = 6000
+    n_train: int = 5000
     n_pretrain: int = 3000
     n_text: int = 6000
     n_eval: int = 100
-    lm_steps: int = 1000
+    lm_steps: int = 2000
     clip_steps: int = 400
     projector_epochs: float = 2.0
     finetune_epochs: float = 2.0
@@ -72,7 +72,7 @@ class DemoConfig:
 ROW_NAMES = {"base": "Base (untrained)", "ft": "FT", "lora": "LoRA", "dora": "DoRA"}
 
 
-STUDY_VERSION = 2  # raised whenever a stage's output changes for the same settings
+STUDY_VERSION = 3  # raised whenever a stage's output changes for the same settings
 PRESENTATION_FIELDS = ("data_dir", "out_dir", "eval_batch", "logging_steps", "log_every")
 
 
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def quick(cfg: DemoConfig) -> DemoConfig:
     """A shortened run for the test suite: every stage, a few steps each."""
-    return replace(cfg, n_train=230, n_pretrain=200, n_text=400, n_eval=6, lm_steps=5, clip_steps=5,
+    return replace(cfg, n_train=260, n_pretrain=200, n_text=400, n_eval=6, lm_steps=5, clip_steps=5,
                    projector_epochs=0.25, finetune_epochs=0.25, lora_r=4, lora_alpha=8, batch=8, logging_steps=2,
                    log_every=4)
 

@@ -707,7 +707,7 @@ def training_sample(rng: random.Random, benchmark: str, index: int, image_folder
     return sample
 
 
-TRAIN_SHARES = {"vqav2": 1, "gqa": 1, "vizwiz": 1, "scienceqa": 2, "textvqa": 1, "pope": 1, "mmbench": 2}
+TRAIN_SHARES = {"vqav2": 1, "gqa": 1, "vizwiz": 1, "scienceqa": 2, "textvqa": 1, "pope": 2, "mmbench": 2}
 
 
 def _split_by_shares(n: int, shares: dict[str, int]) -> dict[str, int]:
@@ -721,8 +721,9 @@ def _split_by_shares(n: int, shares: dict[str, int]) -> dict[str, int]:
 
 def write_train(out_dir: Path, seed: int, n: int, corpus: Corpus) -> Path:
     """The instruction-tuning mix: every benchmark's question types, balanced within a benchmark,
-    shuffled together. The two multiple-choice benchmarks get a double share (TRAIN_SHARES): picking
-    the letter of the option that names what the image shows is the skill a tiny model learns last."""
+    shuffled together. POPE and the two multiple-choice benchmarks get a double share (TRAIN_SHARES):
+    checking a named object against the image, and picking the letter of the option that names what
+    the image shows, are the skills a tiny model learns last."""
     samples = []
     for benchmark, count in _split_by_shares(n, TRAIN_SHARES).items():
         rng = stream(seed, "train", benchmark)
@@ -790,51 +791,15 @@ def choice_facts(benchmark: str, scene: Scene, question: Question, described: bo
     return f"{context}{hint}{question.text}\n{options}\nThe answer is {question.answer}."
 
 
-QUIZ_ASKS: tuple[tuple[Callable[[random.Random, Scene], Question], str], ...] = (
-    (ask_colour, "vqav2"), (ask_shape, "vqav2"), (ask_count, "vqav2"), (ask_sqa_colour, "scienceqa"),
-    (ask_sqa_count, "scienceqa"), (ask_sqa_shape_at, "scienceqa"), (ask_mmb_colour, "mmbench"), (ask_mmb_shape, "mmbench"),
-)
-QUIZ_ASKS_SINGLE = ((ask_side, "gqa"), (ask_height, "gqa"), (ask_side_colour, "gqa"), (ask_verify_side, "gqa"),
-                    (ask_choose_shape, "gqa"), (ask_mmb_where, "mmbench"))
-QUIZ_EXISTS = ((ask_colour_shape_exists, "vqav2"), (ask_object_exists, "pope"))
-QUIZ_QUESTIONS = 6
-
-
-def quiz(rng: random.Random, scene: Scene, short: bool) -> str:
-    """The scene in words, then six questions about it, each answered at once; every third asks whether
-    something is there (balanced yes/no, the hardest skill to learn).
-
-    The chats answer one or two questions after the template's role words; here every question's
-    answer follows it directly (``short``: the bare question and its options) or after its benchmark's
-    instruction line, so the step from "notice a word said before" (the inventories) to "answer a
-    question about it" gets a dense, close gradient.
-    """
-    asks = QUIZ_ASKS + (QUIZ_ASKS_SINGLE if scene.kind == "shapes" and len(scene.blobs) == 1 else ())
-    lines = [describe(scene)]
-    for k in range(QUIZ_QUESTIONS):
-        ask, benchmark = rng.choice(QUIZ_EXISTS if k % 3 == 0 else asks)
-        question = ask(rng, scene)
-        if short:
-            prompt = question.text + (f"\n{option_lines(question.choices)}" if question.choices else "")
-        else:
-            prompt = training_prompt(benchmark, question).replace(f"{IMAGE_TAG}\n", "")
-        lines.append(f"{prompt} {training_answer(question)}")
-    return "\n".join(lines)
-
-
 def write_text_facts(out_dir: Path, seed: int, n: int, corpus: Corpus) -> Path:
-    """Plain-text documents for the language model: n/2 scene inventories, n/2 worked multiple-choice
-    answers, and n quizzes (half in short form). The quizzes' lines stay out of the corpus (every
-    corpus line is also a document): a question and its answer without their scene teach nothing."""
+    """Plain-text documents for the language model: scene inventories and worked multiple-choice answers."""
     rng = stream(seed, "facts")
     documents = [inventory(rng, rng.choice((shapes_scene, single_scene, centred_scene))(rng)) for _ in range(n // 2)]
     for benchmark, count in _split_evenly(n - n // 2, ("scienceqa", "mmbench")).items():
         documents += [choice_facts(benchmark, scene, question)
                       for _, scene, question in draw_questions(stream(seed, "facts", benchmark), benchmark, count)]
-    corpus.add(*documents)
-    quizzes = stream(seed, "facts", "quiz")
-    documents += [quiz(quizzes, quizzes.choice((shapes_scene, single_scene))(quizzes), short=k % 2 == 0) for k in range(n)]
     rng.shuffle(documents)
+    corpus.add(*documents)
     return _write_json(out_dir / "llava_demo_facts.json", documents)
 
 
@@ -1133,7 +1098,7 @@ def generate(out_root: str | Path, seed: int = 0, n_train: int = 4000, n_eval: i
 
     n_eval is the number of questions per benchmark (per category for POPE); n_pretrain defaults to
     n_train, n_text (text-only chats for the language model) to 2 * n_train. Every evaluation answer is a training answer once each benchmark's share of n_train
-    goes through all its (question type, answer) pairs: n_train >= 225 (9 shares x 25, TRAIN_SHARES).
+    goes through all its (question type, answer) pairs: n_train >= 250 (10 shares x 25, TRAIN_SHARES).
     """
     out_root = Path(out_root)
     n_pretrain = n_train if n_pretrain is None else n_pretrain
