@@ -65,6 +65,10 @@ def test_quick_demo_runs_every_stage_and_prints_the_table(tmp_path):
     for stage in ("language model step", "vision tower step", "[projector] step", "[finetune FT] step",
                   "[finetune DoRA] step", "[evaluate LoRA] POPE: 18 questions answered"):
         assert stage in result.stderr, stage
+    # Its last lines say how to talk to what it trained, in the browser and in the terminal.
+    chat = result.stdout[result.stdout.index("Talk to what the demo trained"):]
+    assert f"-m llava.serve.web --model-path {out / 'ft'} {out / 'lora'} {out / 'dora'}" in chat
+    assert f"-m llava.serve.cli --model-path {out / 'dora'} --model-base {out / 'base' / 'vicuna-tiny'}" in chat
     state = json.loads((out / "lora" / "trainer_state.json").read_text())
     assert any("loss" in entry for entry in state["log_history"])
 
