@@ -129,6 +129,10 @@ def test_images_open_from_files_and_unreachable_urls_fail_clearly(tmp_path):
     assert chat_lib.open_image(str(image)).size == (44, 30)
     with pytest.raises(FileNotFoundError, match="missing.png"):
         chat_lib.open_image(str(tmp_path / "missing.png"))
+    from llava.serve import cli as serve_cli
+
+    with pytest.raises(SystemExit, match="llava.serve.cli: Image file not found: .*missing.png"):
+        serve_cli.main(["--model-path", str(tmp_path), "--image-file", str(tmp_path / "missing.png")])
     with pytest.raises(ValueError, match=r"Cannot fetch http://127\.0\.0\.1:9/x\.jpg .*download the image"):
         chat_lib.open_image("http://127.0.0.1:9/x.jpg", timeout=2)
 

@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from llava.eval.summarize import BENCHMARKS, method_cell
+from llava.eval.summarize import BENCHMARKS, benchmark_score, method_cell
 
 COLUMNS = [title for _, title in BENCHMARKS]
 ROW_ORDER = ("Base (untrained)", "FT", "LoRA", "DoRA")
@@ -36,7 +36,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
 
 def scores(row: Mapping) -> dict[str, float | None]:
     """A results.json row's seven scores by column title (None where missing) and its Avg."""
-    values = {title: (row.get("benchmarks", {}).get(key) or {}).get("score") for key, title in BENCHMARKS}
+    values = {title: benchmark_score(row, key) for key, title in BENCHMARKS}
     present = [v for v in values.values() if v is not None]
     values["Avg"] = sum(present) / len(present) if len(present) == len(BENCHMARKS) else None
     return values

@@ -304,9 +304,10 @@ def report(cfg: DemoConfig) -> str:
     from llava.demo.report import draw_study
     from llava.eval.summarize import render_table
 
-    table = render_table(result_rows(cfg))
+    rows = result_rows(cfg)
+    table = render_table(rows)
     (cfg.out_dir / "table.md").write_text(table + "\n")
-    draw_study(cfg.out_dir / "study.png", {cfg.seed: {"rows": result_rows(cfg), "losses": losses(cfg)}},
+    draw_study(cfg.out_dir / "study.png", {cfg.seed: {"rows": rows, "losses": losses(cfg)}},
                f"Tiny study, seed {cfg.seed}: FT vs LoRA vs DoRA")
     logger.info("Table and picture: %s, %s", cfg.out_dir / "table.md", cfg.out_dir / "study.png")
     return table

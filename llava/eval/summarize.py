@@ -233,7 +233,8 @@ def method_cell(row: Mapping[str, Any]) -> str:
     return row["method"] if label is None else f"{row['method']} ({label})"
 
 
-def _score(row: Mapping[str, Any], key: str) -> float | None:
+def benchmark_score(row: Mapping[str, Any], key: str) -> float | None:
+    """A results.json row's score for one benchmark; None where it has none (or not a finite one)."""
     score = (row.get("benchmarks", {}).get(key) or {}).get("score")
     return score if score is not None and math.isfinite(score) else None
 
@@ -241,13 +242,13 @@ def _score(row: Mapping[str, Any], key: str) -> float | None:
 def _single_round_only(row: Mapping[str, Any]) -> float | None:
     """The MMBench single-round accuracy of a row that has no MMBench score, else None."""
     entry = row.get("benchmarks", {}).get("mmbench") or {}
-    return entry.get("single_round_accuracy") if _score(row, "mmbench") is None else None
+    return entry.get("single_round_accuracy") if benchmark_score(row, "mmbench") is None else None
 
 
 def _benchmark_cell(row: Mapping[str, Any], key: str, title: str, folder: str, footnotes: list[str]) -> str:
     """A score's cell; where the score is missing, appends the footnote that says what to submit."""
     entry = row.get("benchmarks", {}).get(key) or {}
-    score = _score(row, key)
+    score = benchmark_score(row, key)
     if score is not None:
         return _format_number(score)
     single = _single_round_only(row) if key == "mmbench" else None
@@ -280,7 +281,7 @@ def render_table(rows: Sequence[Mapping[str, Any]], folders: Sequence[str] | Non
     for number, row in enumerate(rows):
         folder = folders[number] if folders else "RESULTDIR"
         cells = [_benchmark_cell(row, key, title, folder, footnotes) for key, title in BENCHMARKS]
-        average, partial = _average_cell([s for s in (_score(row, key) for key, _ in BENCHMARKS) if s is not None])
+        average, partial = _average_cell([s for s in (benchmark_score(row, key) for key, _ in BENCHMARKS) if s is not None])
         single_round |= _single_round_only(row) is not None
         partial_average |= partial
         weight_norm |= row.get("dora_magnitudes") == "weight_norm"

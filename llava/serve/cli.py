@@ -99,7 +99,10 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
     out = out or sys.stdout
     eval_cli.configure_logging()
     args = parse_args(argv)
-    image = chat_lib.open_image(args.image_file)
+    try:
+        image = chat_lib.open_image(args.image_file)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"llava.serve.cli: {err}") from None
     model = chat_lib.load_chat_model(args, args.model_path)
     chat = chat_lib.Chat(model, image)
     sampling = chat_lib.settings(args.temperature, args.max_new_tokens, model.conv_mode, args.top_p)

@@ -12,10 +12,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from llava.demo.run import DemoConfig
+
 logger = logging.getLogger(__name__)
 
-# Where the demo writes its evaluation data (llava.demo.run, seed 0).
-DEMO_EVAL = Path(__file__).resolve().parents[2] / "playground" / "data" / "demo" / "eval"
+# Where the demo writes its evaluation data (seed 0).
+DEMO_EVAL = DemoConfig.data_dir / "eval"
 
 # (benchmark, question file, image folder) relative to the evaluation folder: the JSONL benchmarks.
 BENCHMARKS = (
