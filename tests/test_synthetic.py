@@ -275,6 +275,30 @@ def _eval_messages(eval_dir: Path) -> dict[str, list[str]]:
             for name, rs in requests.items()}
 
 
+@pytest.mark.parametrize("benchmark", ["scienceqa", "mmbench"])
+def test_the_number_of_options_does_not_give_the_letter_away(benchmark):
+    """Among questions with k options, each letter is the answer about 1/k of the time, so always
+    answering the last letter scores at chance (sum of 1/k), not more. Balancing the letters themselves
+    would need four options for every "D" and made the last letter right 58% of the time."""
+    import random
+
+    from llava.demo.synthetic import draw_questions
+
+    questions = [q for _, _, q in draw_questions(random.Random(7), benchmark, 3000)]
+    by_options: dict[int, Counter] = {}
+    for q in questions:
+        by_options.setdefault(len(q.choices), Counter())[q.answer] += 1
+    assert set(by_options) == {2, 3, 4}
+    for k, letters in by_options.items():
+        total = sum(letters.values())
+        assert set(letters) == set(LETTERS[:k])
+        for count in letters.values():  # binomial(total, 1/k): within 4 standard deviations
+            assert abs(count - total / k) <= 4 * (total * (1 / k) * (1 - 1 / k)) ** 0.5, (k, letters)
+    last = sum(q.answer == LETTERS[len(q.choices) - 1] for q in questions)
+    chance = sum(1 / len(q.choices) for q in questions)
+    assert abs(last - chance) <= 4 * chance ** 0.5, (last, chance)
+
+
 def test_training_prompts_are_worded_as_the_evaluation_prompts(data, eval_dir):
     trained: dict[str, set[str]] = {}
     for sample in training_samples(data):

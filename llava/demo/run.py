@@ -72,7 +72,7 @@ class DemoConfig:
 ROW_NAMES = {"base": "Base (untrained)", "ft": "FT", "lora": "LoRA", "dora": "DoRA"}
 
 
-STUDY_VERSION = 3  # raised whenever a stage's output changes for the same settings
+STUDY_VERSION = 4  # raised whenever a stage's output changes for the same settings
 PRESENTATION_FIELDS = ("data_dir", "out_dir", "eval_batch", "logging_steps", "log_every")
 
 

@@ -301,7 +301,8 @@ class Question:
 
 @dataclass(frozen=True)
 class QuestionType:
-    """A kind of question: how its scenes are drawn, how it is asked, and every answer it can have."""
+    """A kind of question: how its scenes are drawn, how it is asked, and every answer it can have
+    (for multiple choice: every text the right option can have, see `drawn_answer`)."""
 
     name: str
     scene: Callable[[random.Random], Scene]
@@ -495,11 +496,11 @@ QUESTION_TYPES: dict[str, tuple[QuestionType, ...]] = {
         QuestionType("unanswerable", unreadable_scene, ask_unanswerable, (UNANSWERABLE,)),
     ),
     "scienceqa": (
-        QuestionType("colour", shapes_scene, ask_sqa_colour, LETTERS),
-        QuestionType("count", shapes_scene, ask_sqa_count, LETTERS[:3]),
-        QuestionType("shape_at", shapes_scene, ask_sqa_shape_at, LETTERS),
-        QuestionType("sides", no_scene, ask_sqa_sides, LETTERS[:3]),
-        QuestionType("word_kind", no_scene, ask_sqa_word_kind, LETTERS),
+        QuestionType("colour", shapes_scene, ask_sqa_colour, _COLOURS),
+        QuestionType("count", shapes_scene, ask_sqa_count, COUNTS),
+        QuestionType("shape_at", shapes_scene, ask_sqa_shape_at, SHAPES),
+        QuestionType("sides", no_scene, ask_sqa_sides, ("3", "4")),
+        QuestionType("word_kind", no_scene, ask_sqa_word_kind, _COLOURS + SHAPES),
     ),
     "textvqa": (
         QuestionType("word", words_scene, ask_word, WORDS),
@@ -508,9 +509,9 @@ QUESTION_TYPES: dict[str, tuple[QuestionType, ...]] = {
     ),
     "pope": (QuestionType("object", shapes_scene, ask_object_exists, YES_NO),),
     "mmbench": (
-        QuestionType("colour", shapes_scene, ask_mmb_colour, LETTERS),
-        QuestionType("shape", shapes_scene, ask_mmb_shape, LETTERS),
-        QuestionType("where", single_scene, ask_mmb_where, LETTERS),
+        QuestionType("colour", shapes_scene, ask_mmb_colour, _COLOURS),
+        QuestionType("shape", shapes_scene, ask_mmb_shape, SHAPES),
+        QuestionType("where", single_scene, ask_mmb_where, tuple(sorted(CELLS))),
     ),
 }
 MMBENCH_CATEGORIES = {
@@ -556,12 +557,22 @@ def schedule(rng: random.Random, types: Sequence[QuestionType], n: int) -> list[
     return targets
 
 
+def drawn_answer(question: Question) -> str:
+    """What a schedule balances: the answer, or for multiple choice the right option's text.
+
+    Balancing the letters instead would leak them through the number of options (a "D" needs four
+    options, a "C" at least three), so that answering the last letter scores well above chance; the
+    letter is left to the shuffle, uniform among the options of every question.
+    """
+    return question.choices[LETTERS.index(question.answer)] if question.choices else question.answer
+
+
 def targeted_question(rng: random.Random, qtype: QuestionType, target: str) -> tuple[Scene, Question]:
-    """A random scene and question of this type whose answer is `target` (rejection sampling)."""
+    """A random scene and question of this type whose `drawn_answer` is `target` (rejection sampling)."""
     for _ in range(MAX_TRIES):
         scene = qtype.scene(rng)
         question = qtype.ask(rng, scene)
-        if question.answer == target:
+        if drawn_answer(question) == target:
             return scene, question
     raise RuntimeError(f"question type {qtype.name!r} never produced the answer {target!r}")
 
