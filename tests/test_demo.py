@@ -113,3 +113,66 @@ def test_a_stage_is_reused_only_when_made_with_the_same_settings(tmp_path):
     marker.write_text("ok\n")  # a marker from before markers held settings
     run(cfg)
     assert calls == [0, 0, 0] and marker.read_text() == settings(cfg)
+
+
+def test_jobs_run_side_by_side_after_what_they_wait_for():
+    import threading
+    import time
+
+    from llava.demo.run import run_jobs
+
+    lock, log, active, most = threading.Lock(), [], [0], [0]
+
+    def job(name: str, seconds: float):
+        def go():
+            with lock:
+                active[0] += 1
+                most[0] = max(most[0], active[0])
+                log.append(("start", name))
+            time.sleep(seconds)
+            with lock:
+                active[0] -= 1
+                log.append(("end", name))
+        return go
+
+    tasks = {"slow": (job("slow", 0.3), ()), "quick": (job("quick", 0.05), ()), "base": (job("base", 0.05), ()),
+             "after slow": (job("after slow", 0.01), ("slow",)), "after quick": (job("after quick", 0.01), ("quick",))}
+    run_jobs(2, tasks)
+    assert most[0] == 2 and len(log) == 10
+    assert log[:2] == [("start", "slow"), ("start", "quick")]  # the order given, two at a time
+    for name, waits in (("after slow", "slow"), ("after quick", "quick")):
+        assert log.index(("end", waits)) < log.index(("start", name))
+    # "quick" ends first: "base" takes its place, then "after quick" (ready) before "after slow" (not yet).
+    assert log.index(("start", "base")) < log.index(("start", "after quick")) < log.index(("start", "after slow"))
+
+    log.clear()
+    run_jobs(1, tasks)
+    assert [event for event, _ in log] == ["start", "end"] * 5  # one at a time
+
+
+def test_a_failed_job_stops_the_ones_waiting_and_is_raised():
+    from llava.demo.run import run_jobs
+
+    ran = []
+
+    def fail():
+        raise RuntimeError("finetune failed")
+
+    tasks = {"a": (fail, ()), "b": (lambda: ran.append("b"), ()), "after a": (lambda: ran.append("after a"), ("a",))}
+    with pytest.raises(RuntimeError, match="finetune failed"):
+        run_jobs(2, tasks)
+    assert "after a" not in ran
+    with pytest.raises(ValueError, match="unknown"):
+        run_jobs(2, {"x": (lambda: None, ("y",))})
+
+
+def test_jobs_share_the_cores():
+    import os
+    from dataclasses import replace
+
+    from llava.demo.run import job_threads, parse_args
+
+    [cfg], _ = parse_args(["--jobs", "1"])
+    assert cfg.jobs == 1 and job_threads(cfg) == {}  # one at a time: torch's own thread count
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    assert job_threads(replace(cfg, jobs=2)) == {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}

@@ -13,6 +13,11 @@ reuses what is finished (``--fresh`` starts over):
 6. evaluate    every checkpoint, and the untrained base, through ``7B_eval_dora.sh`` on all seven benchmarks
 7. table       the paper-style table (table.md) and the study as a picture (study.png) in the output folder
 
+Finetunes and evaluations are independent of one another once the projector is trained: ``--jobs``
+of them run at a time (default: one per CPU core, up to 2), each on ``cores / jobs`` threads. A tiny
+model keeps one thread busy far better than two, so two single-threaded jobs finish sooner than the
+same jobs one after another on two threads.
+
 ``--seeds 0 1 2`` runs the study once per seed, each in its own folders, and adds the table as
 mean ± standard deviation over the seeds (llava.demo.report).
 """
@@ -30,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -52,28 +58,30 @@ class DemoConfig:
     n_pretrain: int = 3000
     n_text: int = 6000
     n_eval: int = 100
-    lm_steps: int = 2000
+    lm_steps: int = 3000
     clip_steps: int = 400
     projector_epochs: float = 2.0
     finetune_epochs: float = 2.0
     lora_r: int = 16
     lora_alpha: int = 32
     lr_adapter: float = 2e-3
-    lr_full: float = 2e-4
+    lr_full: float = 6e-4
     lr_projector: float = 2e-3
     batch: int = 16
     eval_batch: int = 16
     logging_steps: int = 10
     log_every: int = 50
+    jobs: int = 1
     methods: tuple[str, ...] = ("ft", "lora", "dora")
     sizes: dict = field(default_factory=lambda: dict(vocab_size=800, hidden_size=128, intermediate_size=256, num_layers=3))
 
 
 ROW_NAMES = {"base": "Base (untrained)", "ft": "FT", "lora": "LoRA", "dora": "DoRA"}
+FINETUNE_COST = {"ft": 1.0, "lora": 1.3, "dora": 1.6}  # relative time of a finetune at the demo's sizes
 
 
 STUDY_VERSION = 4  # raised whenever a stage's output changes for the same settings
-PRESENTATION_FIELDS = ("data_dir", "out_dir", "eval_batch", "logging_steps", "log_every")
+PRESENTATION_FIELDS = ("data_dir", "out_dir", "eval_batch", "logging_steps", "log_every", "jobs")
 
 
 def settings(cfg: DemoConfig) -> str:
@@ -134,6 +142,41 @@ def sh(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = Non
     if returncode != 0:
         tail = log.read_text()[-4000:]
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {returncode}); log: {log}\n{tail}")
+
+
+def job_threads(cfg: DemoConfig) -> dict[str, str]:
+    """Thread settings for one of ``cfg.jobs`` jobs running side by side (none when they run one at a time)."""
+    if cfg.jobs <= 1:
+        return {}
+    threads = str(max(1, (os.cpu_count() or 1) // cfg.jobs))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def run_jobs(jobs: int, tasks: dict[str, tuple[Callable[[], None], tuple[str, ...]]]) -> None:
+    """Run ``tasks`` (name -> (function, names of the tasks it waits for)) with at most ``jobs`` at a time,
+    each as soon as what it waits for is done, in the order given among those ready. A failure stops
+    new tasks from starting; the running ones finish, then it is raised."""
+    pending, running, done = dict(tasks), {}, set()
+    unknown = {after for _, waits in tasks.values() for after in waits} - set(tasks)
+    if unknown:
+        raise ValueError(f"tasks wait for unknown tasks: {sorted(unknown)}")
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        while pending or running:
+            ready = [name for name, (_, waits) in pending.items() if set(waits) <= done]
+            if not ready and not running:
+                raise ValueError(f"tasks wait for each other: {sorted(pending)}")
+            for name in ready[: max(1, jobs) - len(running)]:
+                running[pool.submit(pending.pop(name)[0])] = name
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            failed: Future | None = None
+            for future in finished:
+                done.add(running.pop(future))
+                if future.exception() is not None:
+                    failed = failed or future
+            if failed is not None:
+                pending.clear()
+                wait(running)
+                failed.result()
 
 
 def training_progress(name: str, steps: int, every: int, logging_steps: int = 10) -> Callable[[str], str | None]:
@@ -244,6 +287,7 @@ def finetune(cfg: DemoConfig, method: str) -> None:
         "OUTPUT_DIR": str(cfg.out_dir / method),
         "BATCH": str(cfg.batch),
         "GRAD_ACC": "1",
+        **job_threads(cfg),
     }
     method_flags = {
         "ft": ["--lora_enable", "False", "--learning_rate", str(cfg.lr_full)],
@@ -280,6 +324,7 @@ def evaluate(cfg: DemoConfig, name: str, checkpoint: Path) -> None:
         "BATCH_SIZE": str(cfg.eval_batch),
         "MMBENCH_ALL_ROUNDS": "1",
         "CUDA_VISIBLE_DEVICES": "",
+        **job_threads(cfg),
     }
     sh(["bash", "7B_eval_dora.sh", ROW_NAMES[name], str(checkpoint), str(cfg.data_dir / "eval"), str(results), str(ROOT)],
        env=env, log=cfg.out_dir / "logs" / f"eval_{name}.log", progress=eval_progress(ROW_NAMES[name]))  # fmt: skip
@@ -322,12 +367,21 @@ def run(cfg: DemoConfig, fresh: bool = False) -> str:
     stage("base", cfg.out_dir / "base" / ".done", made_with)(make_base)(cfg)
     stage("vision", cfg.out_dir / "base" / "clip-tiny" / ".done", made_with)(pretrain_vision)(cfg)
     stage("projector", cfg.out_dir / "projector" / ".done", made_with)(pretrain_projector)(cfg)
-    for method in cfg.methods:
-        stage(f"finetune {ROW_NAMES[method]}", cfg.out_dir / method / ".done", made_with)(finetune)(cfg, method)
     checkpoints = {"base": untrained_reference(cfg), **{m: cfg.out_dir / m for m in cfg.methods}}
-    for name, checkpoint in checkpoints.items():
+
+    def trained(method: str) -> Callable[[], None]:
+        marker = cfg.out_dir / method / ".done"
+        return lambda: stage(f"finetune {ROW_NAMES[method]}", marker, made_with)(finetune)(cfg, method)
+
+    def evaluated(name: str) -> Callable[[], None]:
         marker = cfg.out_dir / "results" / ROW_NAMES[name] / ".done"
-        stage(f"evaluate {ROW_NAMES[name]}", marker, made_with)(evaluate)(cfg, name, checkpoint)
+        return lambda: stage(f"evaluate {ROW_NAMES[name]}", marker, made_with)(evaluate)(cfg, name, checkpoints[name])
+
+    # The slowest finetunes first, then each evaluation once its checkpoint is there.
+    tasks = {f"finetune {m}": (trained(m), ()) for m in sorted(cfg.methods, key=FINETUNE_COST.get, reverse=True)}
+    tasks["evaluate base"] = (evaluated("base"), ())
+    tasks.update({f"evaluate {m}": (evaluated(m), (f"finetune {m}",)) for m in cfg.methods})
+    run_jobs(cfg.jobs, tasks)
     return report(cfg)
 
 
@@ -357,6 +411,10 @@ def seed_folder(folder: Path, seed: int) -> Path:
     return folder.with_name(folder.name + f"-seed{seed}") if seed else folder
 
 
+def default_jobs() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[list[DemoConfig], argparse.Namespace]:
     """One config per seed (``--seed N``, or each of ``--seeds``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -369,6 +427,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[DemoConfig], argpars
     seeds.add_argument("--seeds", type=int, nargs="+",
                        help="run the study once per seed, each in its own folders (with --data-dir / --out-dir: "
                             "DIR for seed 0, DIR-seedN for the others), then the table as mean ± std over them")
+    parser.add_argument("--jobs", type=int, default=default_jobs(),
+                        help="finetunes and evaluations run at a time, each on cores/jobs threads "
+                             f"(default {default_jobs()}: one per core, up to 2)")
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (the test suite's run)")
     args = parser.parse_args(argv)
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
@@ -379,7 +440,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[DemoConfig], argpars
         data = seed_folder(args.data_dir, seed) if args.data_dir and several else args.data_dir
         out = seed_folder(args.out_dir, seed) if args.out_dir and several else args.out_dir
         cfg = DemoConfig(data_dir=data or seed_folder(DemoConfig.data_dir, seed),
-                         out_dir=out or seed_folder(DemoConfig.out_dir, seed), seed=seed)
+                         out_dir=out or seed_folder(DemoConfig.out_dir, seed), seed=seed, jobs=max(1, args.jobs))
         cfgs.append(quick(cfg) if args.quick else cfg)
     return cfgs, args
 
