@@ -62,7 +62,7 @@ GEN_ARGS=(--temperature 0 --conv-mode "$CONV_MODE" --batch-size "$BATCH_SIZE" --
 
 failed=()
 SUMMARY=(--write "$RESULTPATH/$CKPT" --method "$CKPT")
-KIND=$("$PYTHON" -c "import sys; from llava.model.builder import adapter_kind; print(adapter_kind(sys.argv[1]) or 'model')" "$CKPT_PATH") || exit 2
+KIND=$("$PYTHON" -c "import sys; from llava.checkpoint_kind import adapter_kind; print(adapter_kind(sys.argv[1]) or 'model')" "$CKPT_PATH") || exit 2
 if [ "$KIND" = dora ]; then
   # The row records the magnitude mode; a result folder already holding the other mode's answers is refused.
   RECORDED=$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1])).get('dora_magnitudes') or '')" \

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from llava.checkpoint_kind import adapter_kind, is_adapter
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 
@@ -50,10 +51,6 @@ def load_non_lora_trainables(model_path: str) -> dict[str, torch.Tensor]:
         key = key.removeprefix("base_model.").removeprefix("model.") if key.startswith("base_model.") else key
         stripped[key] = value
     return stripped
-
-
-def _is_adapter(model_path: str) -> bool:
-    return os.path.exists(os.path.join(model_path, "adapter_config.json"))
 
 
 def _is_local(path: str) -> bool:
@@ -97,7 +94,7 @@ def check_model_folders(model_path: str, model_base: str | None, mm_projector: s
     if model_base is None:
         return
     folder = Path(model_path)
-    if not _is_adapter(model_path):
+    if not is_adapter(model_path):
         if mm_projector is None and not (folder / "mm_projector.bin").is_file():
             raise FileNotFoundError(
                 f"{model_path}: no mm_projector.bin. With a base model ({model_base}) the folder must be a "
@@ -128,15 +125,6 @@ def _refuse_dora_tensors_under_lora(folder: Path) -> None:
                 f"{folder / 'adapter_config.json'} describes plain LoRA (use_dora is not true): loading it as LoRA "
                 "would drop them. Set \"use_dora\": true in adapter_config.json if this is a DoRA run."
             )
-
-
-def adapter_kind(model_path: str) -> str | None:
-    """"dora" or "lora" for an adapter folder (either format), None for anything else."""
-    if not _is_adapter(model_path):
-        return None
-    config = json.loads(Path(model_path, "adapter_config.json").read_text())
-    peft_type = str(config.get("peft_type", "")).upper()
-    return "dora" if peft_type == "DORA" or (peft_type == "LORA" and config.get("use_dora", False)) else "lora"
 
 
 def load_pretrained_model(
@@ -187,7 +175,7 @@ def load_pretrained_model(
     if use_flash_attn:
         kwargs["attn_implementation"] = "flash_attention_2"
 
-    if _is_adapter(model_path):
+    if is_adapter(model_path):
         if model_base is None:
             raise ValueError(
                 f"{model_path} holds an adapter (adapter_config.json) but no --model-base was given: "
