@@ -58,10 +58,10 @@ class DemoConfig:
     n_pretrain: int = 3000
     n_text: int = 6000
     n_eval: int = 100
-    lm_steps: int = 3000
+    lm_steps: int = 2000
     clip_steps: int = 400
     projector_epochs: float = 2.0
-    finetune_epochs: float = 2.0
+    finetune_epochs: float = 2.5
     lora_r: int = 16
     lora_alpha: int = 32
     lr_adapter: float = 2e-3
@@ -80,7 +80,7 @@ ROW_NAMES = {"base": "Base (untrained)", "ft": "FT", "lora": "LoRA", "dora": "Do
 FINETUNE_COST = {"ft": 1.0, "lora": 1.3, "dora": 1.6}  # relative time of a finetune at the demo's sizes
 
 
-STUDY_VERSION = 4  # raised whenever a stage's output changes for the same settings
+STUDY_VERSION = 5  # raised whenever a stage's output changes for the same settings
 PRESENTATION_FIELDS = ("data_dir", "out_dir", "eval_batch", "logging_steps", "log_every", "jobs")
 
 
