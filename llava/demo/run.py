@@ -80,7 +80,7 @@ ROW_NAMES = {"base": "Base (untrained)", "ft": "FT", "lora": "LoRA", "dora": "Do
 FINETUNE_COST = {"ft": 1.0, "lora": 1.3, "dora": 1.6}  # relative time of a finetune at the demo's sizes
 
 
-STUDY_VERSION = 5  # raised whenever a stage's output changes for the same settings
+STUDY_VERSION = 6  # raised whenever a stage's output changes for the same settings
 PRESENTATION_FIELDS = ("data_dir", "out_dir", "eval_batch", "logging_steps", "log_every", "jobs")
 
 

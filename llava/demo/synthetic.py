@@ -705,11 +705,12 @@ def reordered(rng: random.Random, question: Question) -> Question:
 
 
 def _conversation(rng: random.Random, benchmark: str, drawn: tuple[QuestionType, Scene, Question],
-                  image_text: str) -> list[dict[str, str]]:
+                  image_text: str, reorder: bool = False) -> list[dict[str, str]]:
     """The turns of one item; `image_text` stands where the image goes (the `<image>` tag, or words).
 
-    Half the multiple-choice items ask their question again with the options in another order (as
-    CircularEval does): the same content behind another letter, which no letter habit can answer.
+    With `reorder` (the instruction-tuning mix), half the multiple-choice items ask their question
+    again with the options in another order (as CircularEval does): the same content behind another
+    letter, which no letter habit can answer.
     """
     qtype, scene, question = drawn
     prompt = training_prompt(benchmark, question).replace(IMAGE_TAG, image_text, 1)
@@ -717,7 +718,7 @@ def _conversation(rng: random.Random, benchmark: str, drawn: tuple[QuestionType,
     if benchmark in MULTI_TURN and rng.random() < 1 / 3:
         for follow_up in _follow_ups(rng, benchmark, qtype, scene, question.text):
             turns += [_turn("human", question_text(benchmark, follow_up)), _turn("gpt", training_answer(follow_up))]
-    if question.choices and rng.random() < REORDERED_SHARE:
+    if reorder and question.choices and rng.random() < REORDERED_SHARE:
         again = reordered(rng, question)
         turns += [_turn("human", training_prompt(benchmark, dataclasses.replace(again, image=False))),
                   _turn("gpt", training_answer(again))]
@@ -732,7 +733,7 @@ def training_sample(rng: random.Random, benchmark: str, index: int, image_folder
         extension = "png" if benchmark == "scienceqa" else "jpg"
         sample["image"] = f"images/{benchmark}/{index:06d}.{extension}"
         save_image(drawn[1], image_folder / sample["image"])
-    sample["conversations"] = _conversation(rng, benchmark, drawn, IMAGE_TAG)
+    sample["conversations"] = _conversation(rng, benchmark, drawn, IMAGE_TAG, reorder=True)
     corpus.add(*(turn["value"] for turn in sample["conversations"]))
     return sample
 
