@@ -299,27 +299,6 @@ def test_the_number_of_options_does_not_give_the_letter_away(benchmark):
     assert abs(last - chance) <= 4 * chance ** 0.5, (last, chance)
 
 
-def _options(text: str) -> dict[str, str]:
-    return dict(re.findall(r"^([A-D])\. (.+)$", text, flags=re.M))
-
-
-def test_multiple_choice_items_ask_again_with_the_options_reordered(data):
-    """A second turn repeats the question with the same options in another order, and its answer is
-    the letter that now stands before the same option."""
-    items = [s for s in training_samples(data) if s["id"].split("-")[0] in ("scienceqa", "mmbench")]
-    again = [s for s in items if len(s["conversations"]) == 4]
-    assert all(len(s["conversations"]) in (2, 4) for s in items)
-    assert 0.3 < len(again) / len(items) < 0.7, (len(again), len(items))  # about half
-    for sample in again:
-        first, answer, second, answer2 = (turn["value"] for turn in sample["conversations"])
-        before, after = _options(first), _options(second)
-        assert sorted(before.values()) == sorted(after.values()) and before != after, sample
-        assert after[answer2] == before[answer], sample
-        assert "<image>" not in second
-        assert first.replace("<image>\n", "").split("\nA. ")[0] == second.split("\nA. ")[0]  # same question
-        assert second.endswith(LETTER)
-
-
 def test_training_prompts_are_worded_as_the_evaluation_prompts(data, eval_dir):
     trained: dict[str, set[str]] = {}
     for sample in training_samples(data):

@@ -61,11 +61,11 @@ class DemoConfig:
     lm_steps: int = 2000
     clip_steps: int = 400
     projector_epochs: float = 2.0
-    finetune_epochs: float = 2.5
+    finetune_epochs: float = 2.0
     lora_r: int = 16
     lora_alpha: int = 32
     lr_adapter: float = 2e-3
-    lr_full: float = 6e-4
+    lr_full: float = 2e-4
     lr_projector: float = 2e-3
     batch: int = 16
     eval_batch: int = 16
@@ -80,7 +80,7 @@ ROW_NAMES = {"base": "Base (untrained)", "ft": "FT", "lora": "LoRA", "dora": "Do
 FINETUNE_COST = {"ft": 1.0, "lora": 1.3, "dora": 1.6}  # relative time of a finetune at the demo's sizes
 
 
-STUDY_VERSION = 6  # raised whenever a stage's output changes for the same settings
+STUDY_VERSION = 7  # raised whenever a stage's output changes for the same settings
 PRESENTATION_FIELDS = ("data_dir", "out_dir", "eval_batch", "logging_steps", "log_every", "jobs")
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
-import dataclasses
 import functools
 import io
 import json
@@ -89,7 +88,6 @@ MMBENCH_HINTS = ("", "The image shows shapes on a white background.")
 
 BENCHMARKS = ("vqav2", "gqa", "vizwiz", "scienceqa", "textvqa", "pope", "mmbench")
 MULTI_TURN = ("vqav2", "gqa")
-REORDERED_SHARE = 0.5
 POPE_CATEGORIES = ("adversarial", "popular", "random")
 MMBENCH_COLUMNS = ("index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "source",
                    "l2-category", "comment", "split")
@@ -695,33 +693,15 @@ def _follow_ups(rng: random.Random, benchmark: str, qtype: QuestionType, scene: 
     return questions
 
 
-def reordered(rng: random.Random, question: Question) -> Question:
-    """The same multiple-choice question with its options in another order, and the letter that follows."""
-    gold = drawn_answer(question)
-    choices = list(question.choices)
-    while tuple(choices) == question.choices:
-        rng.shuffle(choices)
-    return dataclasses.replace(question, choices=tuple(choices), answer=LETTERS[choices.index(gold)])
-
-
 def _conversation(rng: random.Random, benchmark: str, drawn: tuple[QuestionType, Scene, Question],
-                  image_text: str, reorder: bool = False) -> list[dict[str, str]]:
-    """The turns of one item; `image_text` stands where the image goes (the `<image>` tag, or words).
-
-    With `reorder` (the instruction-tuning mix), half the multiple-choice items ask their question
-    again with the options in another order (as CircularEval does): the same content behind another
-    letter, which no letter habit can answer.
-    """
+                  image_text: str) -> list[dict[str, str]]:
+    """The turns of one item; `image_text` stands where the image goes (the `<image>` tag, or words)."""
     qtype, scene, question = drawn
     prompt = training_prompt(benchmark, question).replace(IMAGE_TAG, image_text, 1)
     turns = [_turn("human", prompt), _turn("gpt", training_answer(question))]
     if benchmark in MULTI_TURN and rng.random() < 1 / 3:
         for follow_up in _follow_ups(rng, benchmark, qtype, scene, question.text):
             turns += [_turn("human", question_text(benchmark, follow_up)), _turn("gpt", training_answer(follow_up))]
-    if reorder and question.choices and rng.random() < REORDERED_SHARE:
-        again = reordered(rng, question)
-        turns += [_turn("human", training_prompt(benchmark, dataclasses.replace(again, image=False))),
-                  _turn("gpt", training_answer(again))]
     return turns
 
 
@@ -733,7 +713,7 @@ def training_sample(rng: random.Random, benchmark: str, index: int, image_folder
         extension = "png" if benchmark == "scienceqa" else "jpg"
         sample["image"] = f"images/{benchmark}/{index:06d}.{extension}"
         save_image(drawn[1], image_folder / sample["image"])
-    sample["conversations"] = _conversation(rng, benchmark, drawn, IMAGE_TAG, reorder=True)
+    sample["conversations"] = _conversation(rng, benchmark, drawn, IMAGE_TAG)
     corpus.add(*(turn["value"] for turn in sample["conversations"]))
     return sample
 
