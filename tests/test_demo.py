@@ -166,13 +166,16 @@ def test_a_failed_job_stops_the_ones_waiting_and_is_raised():
         run_jobs(2, {"x": (lambda: None, ("y",))})
 
 
-def test_jobs_share_the_cores():
-    import os
+def test_jobs_share_the_cores(monkeypatch):
     from dataclasses import replace
 
+    from llava.demo import run
     from llava.demo.run import job_threads, parse_args
 
     [cfg], _ = parse_args(["--jobs", "1"])
     assert cfg.jobs == 1 and job_threads(cfg) == {}  # one at a time: torch's own thread count
-    threads = str(max(1, (os.cpu_count() or 1) // 2))
-    assert job_threads(replace(cfg, jobs=2)) == {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    for cores, jobs, threads in ((2, 2, "1"), (8, 2, "4"), (1, 2, "1"), (6, 4, "1")):
+        monkeypatch.setattr(run.os, "cpu_count", lambda: cores)
+        assert job_threads(replace(cfg, jobs=jobs)) == {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    with pytest.raises(SystemExit):
+        parse_args(["--jobs", "0"])

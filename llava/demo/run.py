@@ -156,16 +156,16 @@ def run_jobs(jobs: int, tasks: dict[str, tuple[Callable[[], None], tuple[str, ..
     """Run ``tasks`` (name -> (function, names of the tasks it waits for)) with at most ``jobs`` at a time,
     each as soon as what it waits for is done, in the order given among those ready. A failure stops
     new tasks from starting; the running ones finish, then it is raised."""
-    pending, running, done = dict(tasks), {}, set()
+    pending, running, done, slots = dict(tasks), {}, set(), max(1, jobs)
     unknown = {after for _, waits in tasks.values() for after in waits} - set(tasks)
     if unknown:
         raise ValueError(f"tasks wait for unknown tasks: {sorted(unknown)}")
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
+    with ThreadPoolExecutor(slots) as pool:
         while pending or running:
             ready = [name for name, (_, waits) in pending.items() if set(waits) <= done]
             if not ready and not running:
                 raise ValueError(f"tasks wait for each other: {sorted(pending)}")
-            for name in ready[: max(1, jobs) - len(running)]:
+            for name in ready[: slots - len(running)]:
                 running[pool.submit(pending.pop(name)[0])] = name
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             failed: Future | None = None
@@ -432,6 +432,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[DemoConfig], argpars
                              f"(default {default_jobs()}: one per core, up to 2)")
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (the test suite's run)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs: at least 1")
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         parser.error("--seeds: each seed once")
     cfgs = []
@@ -440,7 +442,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[DemoConfig], argpars
         data = seed_folder(args.data_dir, seed) if args.data_dir and several else args.data_dir
         out = seed_folder(args.out_dir, seed) if args.out_dir and several else args.out_dir
         cfg = DemoConfig(data_dir=data or seed_folder(DemoConfig.data_dir, seed),
-                         out_dir=out or seed_folder(DemoConfig.out_dir, seed), seed=seed, jobs=max(1, args.jobs))
+                         out_dir=out or seed_folder(DemoConfig.out_dir, seed), seed=seed, jobs=args.jobs)
         cfgs.append(quick(cfg) if args.quick else cfg)
     return cfgs, args
 
