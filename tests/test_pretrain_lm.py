@@ -94,3 +94,22 @@ def test_pretraining_learns_the_text_and_saves_the_model(tiny_base, tmp_path):
     losses = pretrain_language_model(model_dir, corpus, chats, steps=60, batch_size=8, lr=3e-3)
     assert len(losses) == 60
     assert _sentence_loss(model_dir, "the red circle is on the left.") < 0.5 * before
+
+
+def test_the_demo_language_model_starts_with_weights_spread_for_its_width(tmp_path):
+    """LLaMA's initializer_range 0.02 is meant for widths in the thousands; the demo's 128-wide model
+    starts wider, as set in its sizes, and every matrix of the saved model shows that spread."""
+    from transformers import LlamaForCausalLM
+
+    from llava.demo.run import DemoConfig
+    from llava.tiny_base import TinySizes, build_tiny_base, tiny_sentences
+
+    sizes = TinySizes(**DemoConfig().sizes)
+    assert sizes.lm_init_std > 0.02
+    base = build_tiny_base(tmp_path, tiny_sentences(200), sizes)
+    model = LlamaForCausalLM.from_pretrained(str(base.language_model))
+    assert model.config.initializer_range == sizes.lm_init_std
+    matrices = {name: p for name, p in model.named_parameters() if p.dim() == 2}
+    assert len(matrices) == 2 + 7 * sizes.num_layers  # embeddings, lm_head, q k v o gate up down per layer
+    for name, weight in matrices.items():
+        assert abs(weight.std().item() / sizes.lm_init_std - 1) < 0.05, name

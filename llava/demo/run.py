@@ -73,7 +73,8 @@ class DemoConfig:
     log_every: int = 50
     jobs: int = 1
     methods: tuple[str, ...] = ("ft", "lora", "dora")
-    sizes: dict = field(default_factory=lambda: dict(vocab_size=800, hidden_size=128, intermediate_size=256, num_layers=3))
+    sizes: dict = field(default_factory=lambda: dict(vocab_size=800, hidden_size=128, intermediate_size=256, num_layers=3,
+                                                       lm_init_std=0.06))
 
 
 ROW_NAMES = {"base": "Base (untrained)", "ft": "FT", "lora": "LoRA", "dora": "DoRA"}
