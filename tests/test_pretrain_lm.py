@@ -91,8 +91,11 @@ def test_pretraining_learns_the_text_and_saves_the_model(tiny_base, tmp_path):
     chats = tmp_path / "chats.json"
     chats.write_text(json.dumps(CHATS * 10))
     before = _sentence_loss(model_dir, "the red circle is on the left.")
-    losses = pretrain_language_model(model_dir, corpus, chats, steps=60, batch_size=8, lr=3e-3)
+    probed = []
+    losses = pretrain_language_model(model_dir, corpus, chats, steps=60, batch_size=8, lr=3e-3,
+                                     probe=lambda model, step: probed.append((step, model.training)), probe_every=25)
     assert len(losses) == 60
+    assert probed == [(25, False), (50, False)]  # called in eval mode at every 25th step
     assert _sentence_loss(model_dir, "the red circle is on the left.") < 0.5 * before
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -87,6 +88,8 @@ def pretrain_language_model(
     conv_mode: str = "vicuna_v1",
     log_every: int = 200,
     group: int = 8,
+    probe: Callable[[LlamaForCausalLM, int], None] | None = None,
+    probe_every: int = 0,
 ) -> list[float]:
     """Train ``model_dir`` (a LlamaForCausalLM folder with its tokenizer) in place; returns the losses.
 
@@ -124,6 +127,10 @@ def pretrain_language_model(
         if step % log_every == 0 or step == steps:
             recent = losses[-log_every:]
             logger.info("language model step %d/%d: loss %.3f", step, steps, sum(recent) / len(recent))
+        if probe is not None and probe_every and step % probe_every == 0:
+            model.eval()
+            probe(model, step)
+            model.train()
     model.save_pretrained(str(model_dir))
     logger.info("Language model loss %.3f -> %.3f", losses[0], sum(losses[-10:]) / min(10, len(losses)))
     return losses
