@@ -58,6 +58,16 @@ def test_summary_table_over_three_seeds_by_hand():
     assert "sample standard deviation (n-1) over 3 seeds (0, 1, 2)" in table
 
 
+def test_the_table_over_seeds_names_the_runs_that_gave_one_pope_answer():
+    rows = {seed: [row("Base (untrained)", [30] * 7), row("FT", [80] * 7, 95.5)] for seed in (0, 1)}
+    rows[0][0]["benchmarks"]["pope"]["yes_ratio"] = 0.0
+    rows[1][1]["benchmarks"]["pope"]["yes_ratio"] = 1.0
+    rows[0][1]["benchmarks"]["pope"]["yes_ratio"] = 0.5
+    notes = [line for line in summary_table(rows).splitlines() if "POPE questions" in line]
+    assert [note.split(":")[0] for note in notes] == ['Base (untrained) (seed 0) answered "no" to 100% of the POPE questions',
+                                                      'FT (seed 1) answered "yes" to 100% of the POPE questions']
+
+
 def test_a_missing_score_is_not_averaged_away():
     runs = {0: [row("FT", [80] * 7)], 1: [row("FT", [90] * 6 + [None])]}
     ft = cells(summary_table(runs), "FT")

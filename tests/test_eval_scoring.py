@@ -23,7 +23,7 @@ from llava.eval.eval_science_qa import FAILED, parse_option_letter
 from llava.eval.eval_textvqa import question_from_prompt
 from llava.eval.eval_vqa import vizwiz_score, vqa_accuracy, vqa_score
 from llava.eval.jsonl import InputFileError, check_answers, read_jsonl, write_json_atomic
-from llava.eval.summarize import load_results, paper_score, render_table, write_results
+from llava.eval.summarize import load_results, metrics_fields, paper_score, render_table, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -211,6 +211,32 @@ def test_pope_cli(tmp_path):
     assert metrics["adversarial"] == {"accuracy": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0, "yes_ratio": 0.5}
     assert set(metrics["random"]) == {"accuracy", "precision", "recall", "f1", "yes_ratio"}
     assert paper_score("pope", metrics) == pytest.approx(100 * (2 / 3 + 1) / 2)
+    # results.json keeps the share of "yes" answers: random 3 of 4, adversarial 1 of 2 -> (0.75 + 0.5) / 2
+    assert metrics_fields("pope", metrics)["yes_ratio"] == pytest.approx(0.625)
+
+
+def _pope_row(tmp_path, name: str, yes: list[float]) -> dict:
+    """A row written through the CLI from POPE metrics whose categories answered "yes" at these rates."""
+    metrics = tmp_path / f"{name}.json"
+    metrics.write_text(json.dumps({f"c{i}": {"f1": 0.5, "yes_ratio": r} for i, r in enumerate(yes)}))
+    run("-m", "llava.eval.summarize", "--write", str(tmp_path / name), "--method", name,
+        "--metrics", f"pope={metrics}")
+    return load_results(tmp_path / name)
+
+
+def test_a_model_that_gives_one_pope_answer_is_named_under_the_table(tmp_path):
+    rows = [_pope_row(tmp_path, "always-yes", [1.0, 1.0, 1.0]), _pope_row(tmp_path, "looks", [0.5, 0.48, 0.52]),
+            _pope_row(tmp_path, "always-no", [0.0, 0.01, 0.0]), _pope_row(tmp_path, "mostly-yes", [1.0, 0.95, 0.97])]
+    assert rows[0]["benchmarks"]["pope"] == {"score": 50.0, "source": "local", "upload": None, "yes_ratio": 1.0}
+    notes = render_table(rows).split("\n\n", 1)[1].splitlines()
+    tail = ('its POPE F1 is what that one answer scores (about 66.7 for "yes", 0 for "no"), '
+            "not a sign that it looks at the image.")
+    assert [n for n in notes if "POPE questions" in n] == [
+        f'always-yes answered "yes" to 100% of the POPE questions: {tail}',
+        f'always-no answered "no" to 100% of the POPE questions: {tail}',
+    ]  # 1 - 0.0033 rounds to 100%; "mostly-yes" (0.973) and "looks" are not named
+    with pytest.raises(ValueError, match="POPE field"):
+        write_results(tmp_path / "looks", benchmarks={"gqa": {"score": 1.0, "yes_ratio": 0.5}})
 
 
 # ---------------------------------------------------------------- TextVQA

@@ -16,7 +16,13 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from llava.eval.summarize import BENCHMARKS, benchmark_score, method_cell
+from llava.eval.summarize import (
+    BENCHMARKS,
+    benchmark_score,
+    method_cell,
+    one_pope_answer,
+    one_pope_answer_note,
+)
 
 COLUMNS = [title for _, title in BENCHMARKS]
 ROW_ORDER = ("Base (untrained)", "FT", "LoRA", "DoRA")
@@ -72,6 +78,8 @@ def summary_table(runs: Mapping[int, Sequence[Mapping]]) -> str:
     seeds = ", ".join(str(seed) for seed in runs)
     note = f"Mean ± sample standard deviation (n-1) over {len(runs)} seeds ({seeds}); Avg: over the seeds' averages."
     lines += ["", note]
+    lines += [one_pope_answer_note(f"{method_cell(row)} (seed {seed})", answer)
+              for seed, rows in runs.items() for row in rows if (answer := one_pope_answer(row))]
     return "\n".join(lines)
 
 

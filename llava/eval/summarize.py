@@ -24,7 +24,8 @@ results.json::
         "gqa":   {"score": 62.9, "source": "local",  "upload": null},
         "vqav2": {"score": null, "source": "server", "upload": "/abs/path/answers_upload/....json"},
         "mmbench": {"score": null, "source": "server", "upload": "/abs/path/....xlsx",
-                    "single_round_accuracy": 71.2}
+                    "single_round_accuracy": 71.2},
+        "pope":  {"score": 85.9, "source": "local", "upload": null, "yes_ratio": 0.48}
       }
     }
 
@@ -35,6 +36,9 @@ IMG-accuracy, POPE mean F1 of its categories x100, MMBench CircularEval accuracy
 MMBench answers without rotations have no CircularEval figure: their entry keeps score null and
 the round-0 accuracy as ``single_round_accuracy``, shown as "(71.2 1-round)", outside Avg. (An
 MMBench score written before that field existed is read as the score, as it was.)
+yes_ratio (POPE): the share of questions answered "yes", mean of the categories. A model that gives
+one answer to (almost) every question gets an F1 of about 66.7 ("yes") or 0 ("no") without looking;
+the table says so under it.
 dora_magnitudes: "trained" (the checkpoint's magnitudes) or "weight_norm" (m = ||W0||, as the
 seed's loader evaluated the paper's DoRA row); the table's Method cell says which.
 
@@ -60,7 +64,9 @@ BENCHMARKS = (
 ALIASES = {"viswiz": "vizwiz", "scienceqa": "sqa", "vqat": "textvqa", "t-vqa": "textvqa", "mmbench_dev": "mmbench"}
 SOURCES = ("local", "server", "recorded")
 DORA_MAGNITUDES = ("trained", "weight_norm")
-ENTRY_FIELDS = ("score", "source", "upload", "single_round_accuracy")
+ENTRY_FIELDS = ("score", "source", "upload", "single_round_accuracy", "yes_ratio")
+NUMBER_FIELDS = ("score", "single_round_accuracy", "yes_ratio")
+ONE_ANSWER_SHARE = 0.99  # POPE: a yes ratio this close to 1 (or 0) is one answer given to everything
 RESULTS_NAME = "results.json"
 # What the Method cell adds for each DoRA magnitude mode ("|" escaped: the cell is in a Markdown table).
 MAGNITUDE_LABELS = {"trained": "trained m", "weight_norm": "m = \\|\\|W0\\|\\|"}
@@ -103,6 +109,10 @@ def metrics_fields(benchmark: str, metrics: Mapping[str, Any]) -> dict[str, Any]
     paper's MMBench score, which stays as it was (see ``write_results``).
     """
     key = benchmark_key(benchmark)
+    if key == "pope":
+        ratios = [category.get("yes_ratio") for category in metrics.values()]
+        fields = {"score": paper_score(key, metrics), "source": "local"}
+        return fields if None in ratios else {**fields, "yes_ratio": sum(ratios) / len(ratios)}
     if key != "mmbench":
         return {"score": paper_score(key, metrics), "source": "local"}
     single = metrics.get("single_round_accuracy")
@@ -127,7 +137,7 @@ def _is_number(value: Any) -> bool:
 def _checked_entry(path: Path, name: str, entry: Any) -> dict[str, Any]:
     if not isinstance(entry, dict):
         raise InputFileError(f"{path}: benchmarks.{name} must be {{'score', 'source', 'upload'}}")
-    for field in ("score", "single_round_accuracy"):
+    for field in NUMBER_FIELDS:
         value = entry.get(field)
         if value is not None and not _is_number(value):
             raise InputFileError(f"{path}: benchmarks.{name}.{field} must be a number or null, not {value!r}")
@@ -164,6 +174,8 @@ def _merge_entry(benchmarks: dict[str, dict[str, Any]], key: str, fields: Mappin
         raise ValueError(f"unknown field(s) {sorted(unknown)} for {key}; use {', '.join(ENTRY_FIELDS)}")
     if "single_round_accuracy" in fields and key != "mmbench":
         raise ValueError(f"single_round_accuracy is an MMBench field, not one of {key}")
+    if "yes_ratio" in fields and key != "pope":
+        raise ValueError(f"yes_ratio is a POPE field, not one of {key}")
     if fields.get("source", "local") not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, not {fields['source']!r}")
     default_source = "server" if "upload" in fields and "score" not in fields else "local"
@@ -171,7 +183,7 @@ def _merge_entry(benchmarks: dict[str, dict[str, Any]], key: str, fields: Mappin
     if "single_round_accuracy" in fields and "score" not in fields and entry.get("source") == "local":
         entry["score"] = None  # an earlier local MMBench figure; this run has no CircularEval one
     entry.update(fields)
-    for field in ("score", "single_round_accuracy"):
+    for field in NUMBER_FIELDS:
         if entry.get(field) is not None:
             entry[field] = float(entry[field])
 
@@ -245,6 +257,22 @@ def _single_round_only(row: Mapping[str, Any]) -> float | None:
     return entry.get("single_round_accuracy") if benchmark_score(row, "mmbench") is None else None
 
 
+def one_pope_answer(row: Mapping[str, Any]) -> tuple[str, float] | None:
+    """("yes" | "no", share) when the row answered POPE with one word (almost) throughout, else None."""
+    ratio = (row.get("benchmarks", {}).get("pope") or {}).get("yes_ratio")
+    if ratio is None:
+        return None
+    if ratio >= ONE_ANSWER_SHARE:
+        return "yes", ratio
+    return ("no", 1 - ratio) if ratio <= 1 - ONE_ANSWER_SHARE else None
+
+
+def one_pope_answer_note(who: str, answer: tuple[str, float]) -> str:
+    word, share = answer
+    return (f'{who} answered "{word}" to {100 * share:.0f}% of the POPE questions: its POPE F1 is what that '
+            f'one answer scores (about 66.7 for "yes", 0 for "no"), not a sign that it looks at the image.')
+
+
 def _benchmark_cell(row: Mapping[str, Any], key: str, title: str, folder: str, footnotes: list[str]) -> str:
     """A score's cell; where the score is missing, appends the footnote that says what to submit."""
     entry = row.get("benchmarks", {}).get(key) or {}
@@ -295,6 +323,7 @@ def render_table(rows: Sequence[Mapping[str, Any]], folders: Sequence[str] | Non
         notes.append(SINGLE_ROUND_NOTE)
     if weight_norm:
         notes.append(WEIGHT_NORM_NOTE)
+    notes += [one_pope_answer_note(method_cell(row), answer) for row in rows if (answer := one_pope_answer(row))]
     notes.extend(footnotes)
     return "\n".join(lines + ([""] + notes if notes else []))
 
