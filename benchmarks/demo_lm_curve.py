@@ -14,22 +14,23 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from demo_lm_probe import probe_questions, right_answers
 from transformers import AutoTokenizer
 
-from llava.demo.pretrain_lm import pretrain_language_model
-from llava.demo.run import DemoConfig
-from llava.tiny_base import TinySizes, build_tiny_base
+from llava.demo.run import DemoConfig, make_base
 
 PROBED = ("scienceqa", "mmbench", "pope", "vqav2")
 
 
-def printed_probe(tokenizer, questions: dict[str, list[tuple[str, str]]], std: float):
-    """A probe for ``pretrain_language_model`` that prints a row of right answers per benchmark."""
+def printed_probe(tokenizer_dir: Path, questions: dict[str, list[tuple[str, str]]], std: float):
+    """A probe for ``pretrain_language_model`` that prints a row of right answers per benchmark (the
+    tokenizer is read when probing: the base stage writes it before pretraining starts)."""
 
     def probe(model, step: int) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         cells = [f"{right_answers(tokenizer, model, asked)}/{len(asked)}" for asked in questions.values()]
         print(f"| {std} | {step} | " + " | ".join(cells) + " |", flush=True)
 
@@ -46,19 +47,16 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=40)
     args = parser.parse_args()
 
-    text = args.data_dir / "text"
-    sentences = (text / "corpus.txt").read_text().splitlines()
     questions = {b: probe_questions(b, args.questions) for b in PROBED}
     print("| initial std | step | " + " | ".join(PROBED) + " |")
     print("|---" * (len(PROBED) + 2) + "|")
     for std in args.init_std:
         with tempfile.TemporaryDirectory() as scratch:
-            sizes = TinySizes(**{**DemoConfig().sizes, "lm_init_std": std})
-            base = build_tiny_base(Path(scratch), sentences, sizes, seed=args.seed)
-            probe = printed_probe(AutoTokenizer.from_pretrained(str(base.language_model)), questions, std)
-            pretrain_language_model(base.language_model, text / "corpus.txt", text / "llava_demo_text.json",
-                                    text / "llava_demo_facts.json", steps=args.steps, seed=args.seed,
-                                    probe=probe, probe_every=args.every)
+            defaults = DemoConfig()
+            cfg = replace(defaults, data_dir=args.data_dir, out_dir=Path(scratch), seed=args.seed,
+                          lm_steps=args.steps, sizes={**defaults.sizes, "lm_init_std": std})
+            probe = printed_probe(cfg.out_dir / "base" / "vicuna-tiny", questions, std)
+            make_base(cfg, probe=probe, probe_every=args.every)
 
 
 if __name__ == "__main__":

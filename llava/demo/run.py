@@ -229,7 +229,8 @@ def make_data(cfg: DemoConfig) -> None:
              n_text=cfg.n_text)
 
 
-def make_base(cfg: DemoConfig) -> None:
+def make_base(cfg: DemoConfig, probe=None, probe_every: int = 0) -> None:
+    """The tiny base with its language model pretrained; ``probe``/``probe_every`` go to the pretraining."""
     from llava.demo.pretrain_lm import pretrain_language_model
     from llava.tiny_base import TinySizes, build_tiny_base
 
@@ -239,7 +240,8 @@ def make_base(cfg: DemoConfig) -> None:
     base = build_tiny_base(cfg.out_dir / "base", sentences, TinySizes(**cfg.sizes), seed=cfg.seed)
     text = cfg.data_dir / "text"
     pretrain_language_model(base.language_model, corpus, text / "llava_demo_text.json", text / "llava_demo_facts.json",
-                            steps=cfg.lm_steps, seed=cfg.seed, log_every=cfg.log_every * 4)
+                            steps=cfg.lm_steps, seed=cfg.seed, log_every=cfg.log_every * 4, probe=probe,
+                            probe_every=probe_every)
 
 
 def pretrain_vision(cfg: DemoConfig) -> None:
