@@ -58,7 +58,7 @@ class DemoConfig:
     n_pretrain: int = 3000
     n_text: int = 6000
     n_eval: int = 300
-    lm_steps: int = 2000
+    lm_steps: int = 3000
     clip_steps: int = 400
     projector_epochs: float = 2.0
     finetune_epochs: float = 2.0
