@@ -166,6 +166,56 @@ def test_sequences_are_truncated_after_splicing(tiny, max_length, monkeypatch):
     assert torch.equal(cut[2], full[2][:, :max_length])
 
 
+def token_splice_inputs():
+    """Right- and left-padded rows, two images in one row, supervised tokens on both sides of each image."""
+    rows = [[1, 10, 11, IMAGE_TOKEN_INDEX, 12, 13, 14, 15], [1, 20, IMAGE_TOKEN_INDEX, 21, IMAGE_TOKEN_INDEX, 22, 23]]
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    ids[0, :8], mask[0, :8] = torch.tensor(rows[0]), 1  # right padding
+    ids[1, 2:], mask[1, 2:] = torch.tensor(rows[1]), 1  # left padding
+    labels = torch.where((ids == IMAGE_TOKEN_INDEX) | (mask == 0), IGNORE_INDEX, ids)
+    labels[0, 0] = labels[1, 2] = IGNORE_INDEX  # BOS
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    return ids, mask, labels, images
+
+
+@pytest.mark.parametrize("max_length", [5, 20, 21, 40, 2048])  # in an image, one answer apart, no cut
+@torch.no_grad()
+def test_labels_within_length_are_the_labels_the_splice_keeps(tiny, max_length, monkeypatch):
+    from llava.model.llava_arch import labels_within_length
+
+    ids, mask, labels, images = token_splice_inputs()
+    monkeypatch.setattr(tiny.model.config, "tokenizer_model_max_length", max_length)
+    spliced = tiny.model.prepare_inputs_labels_for_multimodal(ids, None, mask, None, labels, images)[5]
+    kept = labels_within_length(ids, labels, mask, tiny.model.get_vision_tower().tokens_per_image, max_length)
+    for row in range(ids.shape[0]):
+        assert kept[row][kept[row] != IGNORE_INDEX].tolist() == spliced[row][spliced[row] != IGNORE_INDEX].tolist()
+
+
+def test_token_weighting_counts_only_the_supervised_tokens_the_model_scores(tiny, tmp_path, monkeypatch):
+    """transformers counts the collated labels; the model then cuts the spliced sequences shorter."""
+    from llava.train.llava_trainer import LLaVATrainer
+    from llava.train.train import TrainingArguments
+
+    ids, mask, labels, images = token_splice_inputs()
+    max_length = 20  # each image takes 16 positions (32 px, patches of 8): both rows run past 20
+    monkeypatch.setattr(tiny.model.config, "tokenizer_model_max_length", max_length)
+    with torch.no_grad():
+        spliced = tiny.model.prepare_inputs_labels_for_multimodal(ids, None, mask, None, labels, images)[5]
+    scored = int((spliced[:, 1:] != IGNORE_INDEX).sum())  # the loss shifts: position 0 predicts nothing
+    collated = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    assert scored < collated  # the cut drops supervised tokens, so a count of the collated labels is wrong
+
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": images}
+    counts = {}
+    for weighting in ("token", "micro_batch"):
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, loss_weighting=weighting, report_to=[])
+        trainer = LLaVATrainer(model=tiny.model, args=args)
+        counts[weighting] = trainer._get_num_items_in_batch([batch, batch], torch.device("cpu"))
+    assert int(counts["token"]) == 2 * scored
+    assert counts["micro_batch"] is None  # the seed's weighting passes no count to the model
+
+
 @pytest.fixture(scope="module")
 def plain_llama(tiny):
     return LlamaForCausalLM.from_pretrained(tiny.base.language_model).eval()

@@ -25,6 +25,27 @@ def load_projector_weights(path: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def labels_within_length(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    tokens_per_image: int,
+    max_length: int,
+) -> torch.Tensor:
+    """``labels`` with IGNORE_INDEX wherever ``prepare_inputs_labels_for_multimodal`` will cut the token off.
+
+    Each image placeholder becomes ``tokens_per_image`` positions and the spliced sequence is then cut at
+    ``max_length``, so a supervised token survives only if its position after the splice is below it.
+    Counting supervised tokens from these labels gives what the model's loss really sums over.
+    """
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    position = real.long().cumsum(dim=-1) - 1  # position among the real tokens (padding may sit anywhere)
+    image = (input_ids == IMAGE_TOKEN_INDEX) & real
+    images_before = image.long().cumsum(dim=-1) - image.long()
+    spliced = position + images_before * (tokens_per_image - 1)
+    return labels.masked_fill(~real | (spliced >= max_length), IGNORE_INDEX)
+
+
 class LlavaMetaModel:
     """Mixed into the decoder's base model: owns ``vision_tower`` and ``mm_projector``."""
 

@@ -21,6 +21,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import get_parameter_names
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from llava.model.llava_arch import labels_within_length
 from llava.train.checkpoints import CheckpointError, checkpoint_problem, layout_of
 
 logger = logging.getLogger(__name__)
@@ -214,6 +215,34 @@ class LLaVATrainer(Trainer):
             raise ValueError(f"--loss_weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
         self.model_accepts_loss_kwargs = weighting == "token"
         self.loss_is_scaled_for_ga = None if weighting == "token" else False
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """Under ``token`` weighting, the supervised tokens the model's loss will really sum over.
+
+        transformers counts them from the collated labels, but the model cuts each sequence at
+        ``tokenizer_model_max_length`` only after every image placeholder became its patch features (575
+        more positions at 336 px): a long conversation's last answers are then counted without being
+        scored, and the step's loss is divided by too many. The labels are counted as the splice leaves them.
+        """
+        limits = self._splice_limits() if self.model_accepts_loss_kwargs else None
+        if limits is not None:
+            batch_samples = [
+                dict(batch, labels=labels_within_length(batch["input_ids"], batch["labels"], batch.get("attention_mask"),
+                                                        *limits))
+                if "labels" in batch and "input_ids" in batch and batch.get("images") is not None else batch
+                for batch in batch_samples
+            ]
+        return super()._get_num_items_in_batch(batch_samples, device)
+
+    def _splice_limits(self) -> tuple[int, int] | None:
+        """(positions per image, tokenizer_model_max_length) of a multimodal model; None for a text-only one."""
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        tower = base.get_vision_tower() if hasattr(base, "get_vision_tower") else None
+        max_length = getattr(base.config, "tokenizer_model_max_length", None)
+        if tower is None or max_length is None:
+            return None
+        return tower.tokens_per_image, max_length
 
     def _get_train_sampler(self, train_dataset=None):
         train_dataset = train_dataset if train_dataset is not None else self.train_dataset

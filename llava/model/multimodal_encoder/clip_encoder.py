@@ -81,3 +81,8 @@ class CLIPVisionTower(nn.Module):
     @property
     def num_patches(self) -> int:
         return self.num_patches_per_side**2
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Positions one image takes in the language model's sequence (its patches, plus CLS with 'cls_patch')."""
+        return self.num_patches + (self.select_feature == "cls_patch")
