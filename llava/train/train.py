@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 from torch import nn
+from peft_dora.config import DORA_DROPOUT_MODES
 
 from llava import conversation as conversation_lib
 from llava.model import LlavaLlamaForCausalLM
@@ -66,6 +67,13 @@ class TrainingArguments(transformers.TrainingArguments):
     wdecompose_target_modules: str | None = field(
         default=None, metadata={"help": "comma-separated module names that train a DoRA magnitude only"}
     )
+    dora_dropout: str = field(
+        default="seed",
+        metadata={
+            "help": "seed (the seed's and the paper's formula): lora_dropout's dropped input also goes through W0; "
+            "branch (opt-in, a deviation): dropout on the low-rank branch only, with no second base product"
+        },
+    )
     mm_projector_lr: float | None = field(default=None)
     group_by_modality_length: bool = field(default=False)
     loss_weighting: str = field(
@@ -89,6 +97,8 @@ class TrainingArguments(transformers.TrainingArguments):
             self.eval_strategy = self.evaluation_strategy
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"--loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
+        if self.dora_dropout not in DORA_DROPOUT_MODES:
+            raise ValueError(f"--dora_dropout must be one of {DORA_DROPOUT_MODES}, got {self.dora_dropout!r}")
         if self.deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             _init_cpu_deepspeed_state()
             self.accelerator_config = {**(self.accelerator_config or {}), "use_configured_state": True}
@@ -141,9 +151,12 @@ def build_adapter_config(model: nn.Module, args: TrainingArguments):
         task_type="CAUSAL_LM",
     )
     if args.use_dora:
-        return DoraConfig(**common, wdecompose_target_modules=_split(args.wdecompose_target_modules))
+        return DoraConfig(**common, wdecompose_target_modules=_split(args.wdecompose_target_modules),
+                          dora_dropout=args.dora_dropout)
     if args.wdecompose_target_modules:
         raise ValueError("--wdecompose_target_modules needs DoRA (--use_dora True).")
+    if args.dora_dropout != "seed":
+        raise ValueError(f"--dora_dropout {args.dora_dropout} needs DoRA (--use_dora True).")
     return LoraConfig(**common)
 
 
