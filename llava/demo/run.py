@@ -77,8 +77,9 @@ class DemoConfig:
                                                        lm_init_std=0.06))
 
 
-ROW_NAMES = {"base": "Base (untrained)", "ft": "FT", "lora": "LoRA", "dora": "DoRA"}
-FINETUNE_COST = {"ft": 1.0, "lora": 1.3, "dora": 1.6}  # relative time of a finetune at the demo's sizes
+ROW_NAMES = {"base": "Base (untrained)", "ft": "FT", "lora": "LoRA", "dora": "DoRA",
+             "dora_branch": "DoRA (branch dropout)"}  # the last: benchmarks/demo_dora_dropout.py, not the study
+FINETUNE_COST = {"ft": 1.0, "lora": 1.3, "dora": 1.6, "dora_branch": 1.4}  # relative time of a finetune at the demo's sizes
 
 
 STUDY_VERSION = 7  # raised whenever a stage's output changes for the same settings
@@ -296,6 +297,7 @@ def finetune(cfg: DemoConfig, method: str) -> None:
         "ft": ["--lora_enable", "False", "--learning_rate", str(cfg.lr_full)],
         "lora": ["--use_dora", "False", "--learning_rate", str(cfg.lr_adapter)],
         "dora": ["--learning_rate", str(cfg.lr_adapter)],
+        "dora_branch": ["--learning_rate", str(cfg.lr_adapter), "--dora_dropout", "branch"],
     }[method]
     flags = ["--lora_r", str(cfg.lora_r), "--lora_alpha", str(cfg.lora_alpha), "--mm_projector_lr", str(cfg.lr_projector),
              "--num_train_epochs", str(cfg.finetune_epochs), "--model_max_length", "512",
