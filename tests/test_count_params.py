@@ -212,3 +212,23 @@ def test_command_prints_what_training_records(tiny_base, tmp_path):
              + numel(tiny_base.projector))  # fmt: skip
     assert numel(tiny_base.projector) == projector
     assert recorded["total"] == parts + lora + magnitudes
+
+
+@pytest.mark.parametrize(("select", "positions"), [("patch", 576), ("cls_patch", 577)])
+def test_the_real_tower_puts_its_patches_into_the_sequence(configs_7b, select: str, positions: int):
+    """CLIP-L/336's image takes (336 / 14)^2 = 576 positions: what the token count of --loss_weighting token
+    and the cut at model_max_length reckon with."""
+    from types import SimpleNamespace
+
+    from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+    from llava.model.llava_arch import labels_within_length
+    from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
+
+    tower = CLIPVisionTower(str(configs_7b[1]), SimpleNamespace(mm_vision_select_layer=-2,
+                                                                mm_vision_select_feature=select), delay_load=True)
+    assert tower.tokens_per_image == positions
+    # One image after the system prompt, then 1500 supervised tokens: at 2048 the last ones are cut.
+    ids = torch.tensor([[1, 5, IMAGE_TOKEN_INDEX] + [7] * 1500])
+    labels = torch.where(ids == 7, ids, torch.full_like(ids, IGNORE_INDEX))
+    kept = labels_within_length(ids, labels, None, tower.tokens_per_image, 2048)
+    assert int((kept != IGNORE_INDEX).sum()) == 2048 - (2 + positions)
