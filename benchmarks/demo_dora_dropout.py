@@ -15,6 +15,7 @@ difference per benchmark (mean and standard deviation over seeds) and each finet
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import statistics
@@ -70,17 +71,12 @@ def main() -> None:
     for cfg in cfgs:
         made_with = settings(cfg)
         name = f"{ROW_NAMES[VARIANT]}, seed {cfg.seed}"
-        trained = cfg.out_dir / VARIANT
-
-        def train(cfg=cfg, made_with=made_with, name=name) -> None:
-            stage(f"finetune {name}", cfg.out_dir / VARIANT / ".done", made_with)(finetune)(cfg, VARIANT)
-
-        def score(cfg=cfg, made_with=made_with, name=name, trained=trained) -> None:
-            marker = cfg.out_dir / "results" / ROW_NAMES[VARIANT] / ".done"
-            stage(f"evaluate {name}", marker, made_with)(evaluate)(cfg, VARIANT, trained)
-
-        tasks[f"train {cfg.seed}"] = (train, ())
-        tasks[f"score {cfg.seed}"] = (score, (f"train {cfg.seed}",))
+        checkpoint = cfg.out_dir / VARIANT
+        marker = cfg.out_dir / "results" / ROW_NAMES[VARIANT] / ".done"
+        train = stage(f"finetune {name}", checkpoint / ".done", made_with)(finetune)
+        score = stage(f"evaluate {name}", marker, made_with)(evaluate)
+        tasks[f"train {cfg.seed}"] = (functools.partial(train, cfg, VARIANT), ())
+        tasks[f"score {cfg.seed}"] = (functools.partial(score, cfg, VARIANT, checkpoint), (f"train {cfg.seed}",))
     run_jobs(args.jobs, tasks)
 
     head = "| seed | DoRA | " + " | ".join(name for _, name in BENCHMARKS) + " | training s |"

@@ -13,6 +13,7 @@ run takes about 5 minutes on 2 cores.
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -29,8 +30,10 @@ def printed_probe(tokenizer_dir: Path, questions: dict[str, list[tuple[str, str]
     """A probe for ``pretrain_language_model`` that prints a row of right answers per benchmark (the
     tokenizer is read when probing: the base stage writes it before pretraining starts)."""
 
+    tokenizer_once = functools.cache(lambda: AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+
     def probe(model, step: int) -> None:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tokenizer = tokenizer_once()
         cells = [f"{right_answers(tokenizer, model, asked)}/{len(asked)}" for asked in questions.values()]
         print(f"| {std} | {step} | " + " | ".join(cells) + " |", flush=True)
 
