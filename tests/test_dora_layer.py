@@ -385,6 +385,39 @@ def test_merge_unmerge_and_unload():
     torch.testing.assert_close(layer.merge_and_unload().up.weight.double(), expected.detach(), rtol=1e-5, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("safe_merge", [False, True])
+def test_adapters_merged_in_turn_each_take_the_norm_of_the_unmerged_weight(safe_merge):
+    """Merging DoRA adapters one after another: each factor is m / ||W0 + sBA||, the norm its forward uses,
+    not the norm of a weight that already holds the adapters merged before it (upstream PEFT does the
+    same). Three adapters, so that the third sees two merged ones. Unmerging restores W0."""
+    torch.manual_seed(0)
+    base = TwoLayers()
+    specs = {"default": (4, 8), "second": (2, 4), "third": (3, 3)}
+    ours = get_peft_model(copy.deepcopy(base), DoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"]))
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], use_dora=True))
+    for name, (r, alpha) in list(specs.items())[1:]:
+        ours.add_adapter(name, DoraConfig(r=r, lora_alpha=alpha, target_modules=["up", "down"]))
+        theirs.add_adapter(name, LoraConfig(r=r, lora_alpha=alpha, target_modules=["up", "down"], use_dora=True))
+    randomise(ours, seed=1)
+    theirs.load_state_dict(ours.state_dict())
+
+    up = ours.base_model.model.up
+    w0 = base.up.weight.detach().double()
+    expected = w0
+    for name, (r, alpha) in specs.items():
+        delta = alpha / r * up.lora_B[name].weight.double() @ up.lora_A[name].weight.double()
+        m = up.lora_magnitude_vector[name].weight.double()
+        expected = (m / torch.linalg.norm(w0 + delta, dim=1))[:, None] * (expected + delta)
+
+    for model in (ours, theirs):
+        model.base_model.merge_adapter(list(specs), safe_merge=safe_merge)
+    merged = up.get_base_layer().weight.detach()
+    torch.testing.assert_close(merged.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(merged, theirs.base_model.model.up.get_base_layer().weight, rtol=1e-5, atol=1e-6)
+    ours.base_model.unmerge_adapter()
+    torch.testing.assert_close(up.get_base_layer().weight, base.up.weight, rtol=1e-5, atol=1e-6)
+
 def test_magnitude_only_modules():
     torch.manual_seed(3)
     base = TwoLayers()

@@ -255,6 +255,18 @@ def test_8bit_scales_are_read_wherever_they_are():
         weight_norm(layer, "default")
 
 
+def assert_requantized(got: torch.Tensor, target: torch.Tensor, kind: str, name: str) -> None:
+    """``got`` (a merged layer's forward weight) is what bitsandbytes makes of the float64 ``target``."""
+    if kind == "int8":
+        codes, scales, _ = F.int8_vectorwise_quant(target.float().half())
+        requantized = F.int8_vectorwise_dequant(codes, scales).double()
+    else:
+        requantized = F.dequantize_4bit(*F.quantize_4bit(target.float(), compress_statistics=True, quant_type=kind)).double()
+    mismatched = ((got - requantized).abs() > 1e-6 * requantized.abs().max()).double().mean().item()
+    assert mismatched < 0.01, (name, mismatched)  # float32 vs float64 rounding may flip a rare code
+    assert relative(got, target) < 0.1
+
+
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_merge_requantizes_and_unmerge_restores_the_quantized_weight(kind):
     """merge: dequantize, merge in float32, requantize in the layer's format; the merged weight is what
@@ -273,16 +285,8 @@ def test_merge_requantizes_and_unmerge_restores_the_quantized_weight(kind):
         warnings.simplefilter("error")
         model.merge_adapter()
     for name, ref in refs.items():
-        target = ref.merged_weight().float()
-        if kind == "int8":
-            codes, scales, _ = F.int8_vectorwise_quant(target.half())
-            requantized = F.int8_vectorwise_dequant(codes, scales).double()
-        else:
-            requantized = F.dequantize_4bit(*F.quantize_4bit(target, compress_statistics=True, quant_type=kind)).double()
         got = forward_weight(model.base_model.model.get_submodule(name).get_base_layer())
-        mismatched = ((got - requantized).abs() > 1e-6 * requantized.abs().max()).double().mean().item()
-        assert mismatched < 0.01, (name, mismatched)  # float32 vs float64 rounding may flip a rare code
-        assert relative(got, ref.merged_weight()) < 0.1
+        assert_requantized(got, ref.merged_weight(), kind, name)
     assert relative(model(x), before) < 0.2  # 4-bit rounds weights by ~10%, as in the base's own quantization
 
     model.unmerge_adapter()
@@ -390,3 +394,24 @@ def test_train_py_path_transformers_quantized_load_then_kbit_preparation(tiny_ll
     out.loss.backward()
     magnitudes = [p for n, p in model.named_parameters() if "lora_magnitude_vector" in n]
     assert len(magnitudes) == 4 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in magnitudes)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_second_adapter_merges_with_the_norm_of_the_quantized_w0(kind):
+    """A second DoRA adapter merged over a quantized weight that holds the first: its factor is
+    m / ||W0 + sBA|| with W0 the original dequantized weight (the norm its forward uses), applied to the
+    weight that holds the first adapter. Unmerging both restores the original codes."""
+    model, weights = qdora(kind, target_modules=["up"])
+    model.add_adapter("second", DoraConfig(r=R, lora_alpha=ALPHA, target_modules=["up"]))
+    randomise(model)
+    up = model.base_model.model.up
+    codes = up.get_base_layer().weight.data.clone()
+    model.base_model.merge_adapter(["default"])
+    holding_first = forward_weight(up.get_base_layer())
+    model.base_model.merge_adapter(["second"])
+    delta = SCALING * up.lora_B["second"].weight.double() @ up.lora_A["second"].weight.double()
+    m = up.lora_magnitude_vector["second"].weight.double()
+    target = (m / torch.linalg.norm(weights["up"] + delta, dim=1))[:, None] * (holding_first + delta)
+    assert_requantized(forward_weight(up.get_base_layer()), target.detach(), kind, "up")
+    model.base_model.unmerge_adapter()
+    assert torch.equal(up.get_base_layer().weight.data, codes)

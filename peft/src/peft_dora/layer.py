@@ -167,6 +167,37 @@ def _norm_and_inverse(module: DoraLinear, adapter: str, kernels) -> tuple[torch.
     return entry[1:]
 
 
+def _unmerged_weight(module: DoraLinear) -> torch.Tensor:
+    """W0 (out x in) while adapters are merged into the base layer, read without changing the layer.
+
+    A bitsandbytes layer's W0 is the weight its first merge kept, dequantized (exact); otherwise the
+    merged adapters are taken out of a float copy again, last first, as ``unmerge`` takes them out.
+    """
+    base = module.get_base_layer()
+    if quantized.kind(base) is not None:
+        return quantized.dequantize(base, module._caches[f"{module.merged_adapters[0]}-quantized-weight"])
+    weight = base.weight.detach()
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    weight = weight.to(dtype)
+    for adapter in reversed(module.merged_adapters):
+        if adapter in module.lora_variant:
+            norm = module._caches[f"{adapter}-dora-norm"]
+            factor = (module.lora_magnitude_vector[adapter].weight.detach().to(dtype) / norm.to(dtype)).unsqueeze(1)
+            weight = weight / (factor.t() if module.fan_in_fan_out else factor)
+        weight = weight - module.get_delta_weight(adapter).to(dtype)
+    return weight.t() if module.fan_in_fan_out else weight
+
+
+def _unmerged_norm(module: DoraLinear, adapter: str) -> torch.Tensor:
+    """||W0 + sBA||_row with W0 from ``_unmerged_weight`` (uncached: merging is rare)."""
+    lora_A = module.lora_A[adapter].weight
+    lora_B = module.lora_B[adapter].weight
+    kernels = dora_kernels.default_kernels(lora_A.device, lora_A.dtype)
+    with _gathered(lora_A, lora_B):
+        weight = _unmerged_weight(module)
+        return kernels.weight_norm(weight, lora_A.detach(), lora_B.detach(), module.scaling[adapter])[0]
+
+
 def _weight_sq_norm(module: DoraLinear, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor):
     """||W0||_row^2 in the norm's dtype, cached while W0 is unchanged (it is frozen)."""
     dtype = accumulation_dtype(weight, lora_A, lora_B)
@@ -203,8 +234,12 @@ class DoraVariant(LoraVariant):
 
     @staticmethod
     def _factor(module: DoraLinear, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(m / n as a column, n) for merging, both in the norm's dtype."""
-        norm = weight_norm(module, adapter)
+        """(m / n as a column, n) for merging, both in the norm's dtype.
+
+        n is the norm the forward uses, of W0 + sBA: when other adapters are merged already, of W0
+        without them (as upstream PEFT's DoRA takes it), not of the weight that holds them.
+        """
+        norm = _unmerged_norm(module, adapter) if module.merged_adapters else weight_norm(module, adapter)
         magnitude = module.lora_magnitude_vector[adapter].weight.detach().to(norm.dtype)
         return (magnitude / norm).unsqueeze(1), norm
 

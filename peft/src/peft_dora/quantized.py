@@ -72,14 +72,16 @@ def _dequantize_cpu_packed(weight: torch.Tensor, state) -> torch.Tensor:
     return F.dequantize_4bit(codes, plain)
 
 
-def dequantize(layer: nn.Module) -> torch.Tensor:
+def dequantize(layer: nn.Module, kept: QuantizedWeight | None = None) -> torch.Tensor:
     """W0 (out x in) of a bitsandbytes layer, as its forward multiplies by it: 4-bit in the dtype it was
-    quantized from (float32 from the CPU layout), 8-bit in float32. A fresh tensor each call."""
+    quantized from (float32 from the CPU layout), 8-bit in float32. A fresh tensor each call.
+    With ``kept`` (from ``current``), the weight the layer held then, in the layer's format."""
     import bitsandbytes.functional as F
 
     if kind(layer) == "8bit":
-        return F.int8_vectorwise_dequant(*_int8_codes_and_scales(layer))
-    weight = layer.weight
+        codes_and_scales = (kept.param.data, kept.scales) if kept is not None else _int8_codes_and_scales(layer)
+        return F.int8_vectorwise_dequant(*codes_and_scales)
+    weight = layer.weight if kept is None else kept.param
     state = weight.quant_state
     if state is None:
         raise RuntimeError(f"{_name(layer)}: its 4-bit weight has no quant_state (never quantized, or it was lost).")
