@@ -13,8 +13,9 @@
 # Environment: MODEL_BASE (lmsys/vicuna-7b-v1.5, or a local folder), CONV_MODE (vicuna_v1),
 # BATCH_SIZE (16), DORA_MAGNITUDES (trained: the magnitudes training produced; weight_norm:
 # m = ||W0|| for every DoRA layer, as the seed's loader evaluated the paper's published DoRA row),
-# MMBENCH_ALL_ROUNDS (1: every rotation of the options is asked, for CircularEval, the paper's
-# metric; 0: one round, which the table marks as single-round), FRESH (1: move answers already in
+# MMBENCH_ALL_ROUNDS (0: each TSV row asked once, as the seed: the MMBench TSV already holds every
+# question's circular copies, from which CircularEval, the paper's metric, is scored; 1: each row also
+# in every rotation of its options, for a TSV without the copies), FRESH (1: move answers already in
 # RESULTPATH aside and answer again; without it a rerun skips the questions already answered, and
 # answers made by another checkpoint or magnitude mode stop the run), MM_PROJECTOR (a projector file
 # to use instead of the checkpoint's), PYTHON (.venv/bin/python when present). One answers chunk
@@ -39,7 +40,7 @@ cd "$BASEPATH" || { echo "BASEPATH $BASEPATH does not exist" >&2; exit 2; }
 MODEL_BASE=${MODEL_BASE-lmsys/vicuna-7b-v1.5}
 CONV_MODE=${CONV_MODE:-vicuna_v1}
 BATCH_SIZE=${BATCH_SIZE:-16}
-MMBENCH_ALL_ROUNDS=${MMBENCH_ALL_ROUNDS:-1}
+MMBENCH_ALL_ROUNDS=${MMBENCH_ALL_ROUNDS:-0}
 DORA_MAGNITUDES=${DORA_MAGNITUDES:-trained}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 case "$DORA_MAGNITUDES" in

@@ -5,9 +5,10 @@
 
 reads <result-dir>/<experiment>.jsonl and writes <upload-dir>/<experiment>.xlsx: the TSV without its
 hint, category, source, image, comment and l2-category columns, with a "prediction" column (the raw
-answer text) inserted as the 7th column, one row per TSV index. Only round 0 answers are used
-(``--all-rounds`` runs also hold rotated rounds, which the server builds itself); questions without an
-answer keep an empty prediction and are reported. Control characters, which a spreadsheet cannot hold,
+answer text) inserted as the 7th column, one row per TSV index, circular copies included (the server
+scores CircularEval from them). Only round 0 answers are used (``--all-rounds`` runs also hold rotated
+rounds, which the upload has no place for); rows without an answer keep an empty prediction and are
+reported. Control characters, which a spreadsheet cannot hold,
 are removed from the predictions (the local score reads the same cleaned text).
 """
 

@@ -519,6 +519,65 @@ def test_mmbench_circular_eval_counted_by_hand(tmp_path):
     assert mmbench_accuracy(tsv, answers)["circular_accuracy"] == pytest.approx(100 / 3)
 
 
+def mmbench_tsv_with_copies(path: Path) -> Path:
+    """As the real dev TSV: the questions, then their circular copies at index + k * 10^6 (options shifted
+    up k letters, the answer letter following the right option)."""
+    rows = [
+        {"index": 5, "question": "q5", "A": "cat", "B": "dog", "C": None, "D": None, "answer": "B"},
+        {"index": 7, "question": "q7", "A": "red", "B": "blue", "C": "green", "D": None, "answer": "A"},
+        {"index": 9, "question": "q9", "A": "1", "B": "2", "C": "3", "D": "4", "answer": "D"},
+        {"index": 1_000_005, "question": "q5", "A": "dog", "B": "cat", "C": None, "D": None, "answer": "A"},
+        {"index": 1_000_007, "question": "q7", "A": "blue", "B": "green", "C": "red", "D": None, "answer": "C"},
+        {"index": 2_000_007, "question": "q7", "A": "green", "B": "red", "C": "blue", "D": None, "answer": "B"},
+        {"index": 1_000_009, "question": "q9", "A": "2", "B": "3", "C": "4", "D": "1", "answer": "C"},
+        {"index": 2_000_009, "question": "q9", "A": "3", "B": "4", "C": "1", "D": "2", "answer": "B"},
+        {"index": 3_000_009, "question": "q9", "A": "4", "B": "1", "C": "2", "D": "3", "answer": "A"},
+    ]
+    for row in rows:
+        row.update({"hint": None, "category": "c", "image": "aGk=", "source": "s", "l2-category": "l2",
+                    "comment": None, "split": "dev"})
+    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+    return path
+
+
+def test_mmbench_circular_eval_over_the_tsv_copies(tmp_path):
+    """The real TSV holds each question's circular copies as rows: each row is asked once and a question
+    counts only if all rows of its group (index % 10^6) are right; 3 questions, not 9 rows."""
+    tsv = pd.read_csv(mmbench_tsv_with_copies(tmp_path / "dev.tsv"), sep="\t")
+    letters = {5: "B", 7: "A", 9: "D", 1_000_005: "A", 1_000_007: "C", 2_000_007: "B",
+               1_000_009: "C", 2_000_009: "B", 3_000_009: "A"}
+    answers = [answer(index, letter) for index, letter in letters.items()]
+    assert mmbench_accuracy(tsv, answers) == {"circular_accuracy": 100.0, "single_round_accuracy": 100.0,
+                                              "questions": 3}
+    answers[4] = answer(1_000_007, "A")  # q7's first copy picks blue: q7 fails, its own row stays right
+    answers[8] = answer(3_000_009, "4")  # q9's last copy answered with the option text "4", at A: still right
+    assert mmbench_accuracy(tsv, answers) == {"circular_accuracy": pytest.approx(200 / 3),
+                                              "single_round_accuracy": 100.0, "questions": 3}
+    answers[0] = answer(5, "A")  # q5's own row wrong: q5 fails, and its single-round answer too
+    assert mmbench_accuracy(tsv, answers) == {"circular_accuracy": pytest.approx(100 / 3),
+                                              "single_round_accuracy": pytest.approx(200 / 3), "questions": 3}
+    # A copy left unanswered fails its question (q9), and only the questions' own rows give round 0.
+    assert mmbench_accuracy(tsv, [a for a in answers if a["question_id"] != 2_000_009]) == {
+        "circular_accuracy": 0.0, "single_round_accuracy": pytest.approx(200 / 3), "questions": 3}
+
+
+def test_mmbench_rotating_the_copies_too_changes_no_score(tmp_path):
+    """--all-rounds over a TSV that holds the copies: every rotation of every row is asked; as each
+    rotation of a row is a prompt some copy also shows, the same answers give the same score."""
+    path = mmbench_tsv_with_copies(tmp_path / "dev.tsv")
+    tsv = pd.read_csv(path, sep="\t")
+    picks = {"q5": "dog", "q7": "red", "q9": "3"}  # q9 is answered wrong, whatever the order
+    answers = []
+    for row in pd.read_csv(path, sep="\t", dtype=str).to_dict("records"):  # option texts as written
+        options = [row[c] for c in "ABCD" if isinstance(row[c], str)]
+        for round_id in range(len(options)):
+            shown = options[round_id:] + options[:round_id]
+            letter = "ABCD"[shown.index(picks[row["question"]])]
+            answers.append(rotation(int(row["index"]), round_id, options, letter))
+    assert mmbench_accuracy(tsv, answers) == {"circular_accuracy": pytest.approx(200 / 3),
+                                              "single_round_accuracy": pytest.approx(200 / 3), "questions": 3}
+
+
 def test_mmbench_cli_and_upload(tmp_path):
     tsv = mmbench_tsv(tmp_path / "mmbench_dev_20230712.tsv")
     results = tmp_path / "answers"
@@ -575,8 +634,9 @@ HEADER = ["| Method | # Params (%) | VQAv2 | GQA | VisWiz | SQA | VQAT | POPE | 
           "|---|---|---|---|---|---|---|---|---|---|"]
 SINGLE_ROUND_FOOTNOTE = (
     "(X 1-round): MMBench single-round accuracy (each question asked once, options in their original order), "
-    "not CircularEval, the paper's MMBench metric; not in Avg. For CircularEval run 7B_eval_dora.sh with "
-    "MMBENCH_ALL_ROUNDS=1, or submit the MMBench upload to the evaluation server and record its score.")
+    "not CircularEval, the paper's MMBench metric; not in Avg. The TSV held no circular copies: use MMBench's "
+    "own TSV, run 7B_eval_dora.sh with MMBENCH_ALL_ROUNDS=1, or submit the MMBench upload to the evaluation "
+    "server and record its score.")
 
 
 def test_mmbench_paper_score_is_circular_accuracy_only():

@@ -270,7 +270,7 @@ def _eval_messages(eval_dir: Path) -> dict[str, list[str]]:
     sqa = model_vqa_science.read_questions(str(eval_dir / "scienceqa/llava_test_CQM-A.json"))
     requests["scienceqa"] = model_vqa_science.build_requests(sqa, "", "vicuna_v1", config, True)
     table = model_vqa_mmbench.read_questions(str(eval_dir / "mmbench/mmbench_dev_20230712.tsv"))
-    requests["mmbench"] = model_vqa_mmbench.build_requests(table, "vicuna_v1", config, True, True, "en")
+    requests["mmbench"] = model_vqa_mmbench.build_requests(table, "vicuna_v1", config, True, False, "en")
     return {name: [r.prompt.split("USER: ", 1)[1].rsplit(" ASSISTANT:", 1)[0] for r in rs]
             for name, rs in requests.items()}
 
@@ -437,12 +437,43 @@ def test_pope_files(eval_dir):
 
 def test_mmbench_file(eval_dir):
     table = pd.read_csv(eval_dir / "mmbench/mmbench_dev_20230712.tsv", sep="\t")
-    assert tuple(table.columns) == MMBENCH_COLUMNS and len(table) == SIZES["n_eval"]
-    assert table["index"].is_unique and table["D"].isna().any() and table["hint"].isna().any()
+    assert tuple(table.columns) == MMBENCH_COLUMNS and table["index"].is_unique
+    questions = table[table["index"] < 1_000_000]
+    assert len(questions) == SIZES["n_eval"] and table["D"].isna().any() and table["hint"].isna().any()
+    assert list(table["index"][:len(questions)]) == list(questions["index"])  # the copies come after
     for row in table.to_dict("records"):
         assert isinstance(row[row["answer"]], str), "the answer must name a present option"
         with Image.open(io.BytesIO(base64.b64decode(row["image"]))) as image:
             assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
+    # As the real TSV: question g with n options has copies g + k * 10^6 (k < n), its options shifted up k
+    # letters, the same question, hint and image, and an answer letter naming the same option text.
+    rows = {row["index"]: row for row in table.to_dict("records")}
+    for question in questions.to_dict("records"):
+        options = [question[c] for c in "ABCD" if isinstance(question[c], str)]
+        for k in range(1, 5):
+            copy = rows.pop(question["index"] + k * 1_000_000, None)
+            assert (copy is not None) == (k < len(options)), (question["index"], k)
+            if copy is None:
+                continue
+            assert [copy[c] for c in "ABCD"[:len(options)]] == options[k:] + options[:k]
+            assert copy[copy["answer"]] == question[question["answer"]]
+            assert all(copy[c] == question[c] or pd.isna(copy[c]) and pd.isna(question[c])
+                       for c in ("question", "hint", "image"))
+        rows.pop(question["index"])
+    assert not rows, "every row is a question or one of its copies"
+
+
+def test_mmbench_copies_are_the_prompts_that_all_rounds_would_ask(eval_dir):
+    """Asking every row once asks what ``--all-rounds`` asks of the questions alone: the same prompts."""
+    from llava.eval import model_vqa_mmbench
+
+    config = SimpleNamespace(mm_use_im_start_end=False)
+    table = model_vqa_mmbench.read_questions(str(eval_dir / "mmbench/mmbench_dev_20230712.tsv"))
+    questions = table[table["index"].astype(int) < 1_000_000]
+    each_row = model_vqa_mmbench.build_requests(table, "vicuna_v1", config, True, False, "en")
+    rotated = model_vqa_mmbench.build_requests(questions, "vicuna_v1", config, True, True, "en")
+    assert len(each_row) == len(rotated) > len(questions)
+    assert Counter(r.prompt for r in each_row) == Counter(r.prompt for r in rotated)
 
 
 # ---------------------------------------------------------------- scoring through the real scorers
@@ -540,14 +571,12 @@ def score_mmbench(eval_dir: Path, tmp_path: Path, right: bool) -> float:
     tsv_path = eval_dir / "mmbench/mmbench_dev_20230712.tsv"
     table = pd.read_table(tsv_path, dtype=str)
     records = []
-    for row in table.to_dict("records"):
+    for row in table.to_dict("records"):  # every row once (the questions and their circular copies)
         options = [row[c] for c in "ABCD" if isinstance(row[c], str)]
         chars = list("ABCD"[: len(options)])
-        for round_id in range(len(options)):
-            position = chars.index(row["answer"]) + (0 if right else 1)
-            records.append({"question_id": int(row["index"]), "round_id": round_id, "prompt": row["question"],
-                            "text": "ABCD"[position % len(chars)], "options": options, "option_char": chars})
-            options, chars = options[1:] + options[:1], chars[1:] + chars[:1]
+        position = chars.index(row["answer"]) + (0 if right else 1)
+        records.append({"question_id": int(row["index"]), "round_id": 0, "prompt": row["question"],
+                        "text": "ABCD"[position % len(chars)], "options": options, "option_char": chars})
     answers = write_answers(tmp_path / "mmbench.jsonl", records)
     load_script("convert_mmbench_for_submission").main([
         "--annotation-file", str(tsv_path), "--result-dir", str(tmp_path), "--upload-dir", str(tmp_path / "upload"),
@@ -555,7 +584,7 @@ def score_mmbench(eval_dir: Path, tmp_path: Path, right: bool) -> float:
     upload = pd.read_excel(tmp_path / "upload" / "mmbench.xlsx")
     assert len(upload) == len(table) and list(upload.columns)[6] == "prediction"
     metrics = mmbench_accuracy(read_tsv(tsv_path), read_jsonl(answers))
-    assert metrics["circular_accuracy"] is not None
+    assert metrics["circular_accuracy"] is not None and metrics["questions"] == SIZES["n_eval"]
     return metrics["circular_accuracy"]
 
 

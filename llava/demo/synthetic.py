@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable, Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from llava.conversation import conv_templates
+from llava.eval.eval_mmbench import CIRCULAR_OFFSET
 
 logger = logging.getLogger(__name__)
 
@@ -1060,17 +1061,26 @@ def write_pope(eval_dir: Path, rng: random.Random, n: int, corpus: Corpus) -> Pa
 
 
 def write_mmbench(eval_dir: Path, rng: random.Random, n: int, corpus: Corpus) -> Path:
-    """mmbench_dev_20230712.tsv: MMBench's columns, images inline as base64, empty cells for absent options."""
+    """mmbench_dev_20230712.tsv: MMBench's columns, images inline as base64, empty cells for absent options,
+    and, as in the real TSV, each question's circular copies after the questions: row index + k * 10^6
+    shows the options shifted up k letters, with its own answer letter."""
     folder = eval_dir / "mmbench"
     drawn = draw_questions(rng, "mmbench", n)
     indices = sorted(rng.sample(range(0, 5000), n))
-    rows = []
+    rows, copies = [], []
     for (qtype, scene, question), index in zip(drawn, indices):
         category, l2_category = MMBENCH_CATEGORIES[qtype.name]
-        options = list(question.choices) + [""] * (len(LETTERS) - len(question.choices))
-        rows.append([index, question.text, question.hint, *options, question.answer, category, image_base64(scene),
-                     "synthetic", l2_category, "", "dev"])
+        image = image_base64(scene)
+        choices = list(question.choices)
+        right = LETTERS.index(question.answer)
+        for shift in range(len(choices)):
+            shifted = choices[shift:] + choices[:shift]
+            options = shifted + [""] * (len(LETTERS) - len(shifted))
+            answer = LETTERS[(right - shift) % len(choices)]
+            (copies if shift else rows).append([index + shift * CIRCULAR_OFFSET, question.text, question.hint,
+                                                *options, answer, category, image, "synthetic", l2_category, "", "dev"])
         corpus.add(question_text("mmbench", question), question.answer)
+    rows += sorted(copies, key=lambda row: row[0])
     path = folder / "mmbench_dev_20230712.tsv"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="") as f:

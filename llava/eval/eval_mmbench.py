@@ -3,15 +3,22 @@
     python -m llava.eval.eval_mmbench --annotation-file mmbench_dev_20230712.tsv \
         --result-file answers.jsonl [--metrics-json mmbench.json]
 
-With ``--all-rounds`` the generator asks each question once per rotation of its options and
-writes ``round_id``, ``options`` (the option texts in the order shown) and ``option_char`` (the
-TSV letter of each shown option). A question counts as correct only if every rotation (one per
-option) is answered with the letter of the right option; a question with rotations missing counts
-as wrong. Without rotations in the file (a run without ``--all-rounds``, like the seed's) there is
-no CircularEval figure, only the single-round accuracy over round 0, which is not the paper's
-MMBench metric and is never reported as one.
+CircularEval, the paper's MMBench metric, as the MMBench authors score it (VLMEvalKit): the TSV
+itself holds every question's circular copies. Row ``g`` is the question and rows ``g + k * 10^6``
+are its copies with the options shifted, each with its own "answer" letter
+(mmbench_dev_20230712.tsv: 4377 rows for its questions). A question counts as correct only if
+every row of its group, ``index % 10^6``, is answered with the letter of its right option; a row
+without an answer counts as wrong. ``questions`` is the number of groups, not of rows.
 
-``--metrics-json`` writes ``{"circular_accuracy": percent or null (no rotations in the answers),
+With ``--all-rounds`` the generator also asks each row once per rotation of its options and writes
+``round_id``, ``options`` (the option texts in the order shown) and ``option_char`` (the TSV letter
+of each shown option); every rotation of every row of a group must then be right. That is for a
+TSV without the copies; for one with them it asks the same prompts again and changes no score.
+A TSV without copies answered without rotations has no CircularEval figure, only the single-round
+accuracy (each question's own row, round 0), which is not the paper's MMBench metric and is never
+reported as one.
+
+``--metrics-json`` writes ``{"circular_accuracy": percent or null (neither copies nor rotations),
 "single_round_accuracy": percent, "questions": n}``.
 
 The letter is read from the answer text by ``parse_letter``, as the MMBench authors' reference
@@ -59,6 +66,7 @@ REJECT_PHRASES = (
 )
 _BLANK_OUT = str.maketrans(".()[],:;!*#{}", " " * 13)
 _LAST_WORDS = 4
+CIRCULAR_OFFSET = 1_000_000
 _ANSWER_IS = re.compile(r"(?:correct\s+)?answer\s+is\s+\**([ABCD])\**", re.IGNORECASE)
 
 
@@ -137,9 +145,14 @@ def round_is_correct(answer: dict[str, Any], gold_letter: str, tsv_options: Sequ
     return picked is not None and original[shown.index(picked)] == gold_letter
 
 
+def question_group(index: Any) -> int:
+    """The question a TSV row belongs to: row ``g + k * 10^6`` is circular copy k of question ``g``."""
+    return int(index) % CIRCULAR_OFFSET
+
+
 def mmbench_accuracy(tsv: pd.DataFrame, answers: Sequence[dict[str, Any]],
                      source: str = "answers") -> dict[str, Any]:
-    """{"circular_accuracy" (None without rotations), "single_round_accuracy", "questions"} over every TSV row."""
+    """{"circular_accuracy" (None without copies or rotations), "single_round_accuracy", "questions"}."""
     if "answer" not in tsv.columns:
         raise InputFileError("the TSV has no 'answer' column (a test split?): only the evaluation server scores it")
     rounds: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
@@ -151,35 +164,46 @@ def mmbench_accuracy(tsv: pd.DataFrame, answers: Sequence[dict[str, Any]],
         by_round[round_id] = answer
     if duplicates:
         print(f"{source}: {duplicates} duplicated answer(s); the last answer of each round is used", file=sys.stderr)
-    circular = any(round_id > 0 for by_round in rounds.values() for round_id in by_round)
+    rotated = any(round_id > 0 for by_round in rounds.values() for round_id in by_round)
     rows = {id_key(row["index"]): row for row in tsv.to_dict("records")}
+    if not rows:
+        raise InputFileError("the TSV has no questions")
+    groups: dict[int, list[str]] = defaultdict(list)
+    for qid, row in rows.items():
+        groups[question_group(row["index"])].append(qid)
+    copies = any(len(members) > 1 for members in groups.values())
     unknown = [qid for qid in rounds if qid not in rows]
     if unknown:
-        print(f"{source}: {len(unknown)} answered question(s) not in the TSV, ignored "
+        print(f"{source}: {len(unknown)} answered row(s) not in the TSV, ignored "
               f"(first: {', '.join(unknown[:5])})", file=sys.stderr)
     unanswered = [qid for qid in rows if qid not in rounds]
     if unanswered:
-        print(f"{source}: {len(unanswered)} question(s) without an answer, counted wrong "
+        print(f"{source}: {len(unanswered)} TSV row(s) without an answer, counted wrong "
               f"(first: {', '.join(unanswered[:5])})", file=sys.stderr)
-    single_correct = circular_correct = incomplete = 0
-    for qid, row in rows.items():
-        by_round = rounds.get(qid, {})
+
+    def row_results(qid: str) -> tuple[dict[int, bool], int]:
+        row = rows[qid]
         options = present_options(row)
-        gold = str(row["answer"])
-        results = {r: round_is_correct(a, gold, options) for r, a in by_round.items()}
-        single_correct += results.get(0, False)
-        if circular:
-            complete = all(r in results for r in range(len(options)))
-            incomplete += bool(by_round) and not complete
-            circular_correct += complete and all(results.values())
-    if incomplete:
-        print(f"{source}: {incomplete} question(s) lack some rotations, counted wrong by CircularEval", file=sys.stderr)
-    if not rows:
-        raise InputFileError("the TSV has no questions")
+        results = {r: round_is_correct(a, str(row["answer"]), options) for r, a in rounds.get(qid, {}).items()}
+        return results, (len(options) if rotated else 1)
+
+    single_correct = circular_correct = incomplete = 0
+    for members in groups.values():
+        own = min(members, key=lambda qid: int(rows[qid]["index"]))  # the question's own row: index == group
+        member_results = {qid: row_results(qid) for qid in members}
+        single_correct += member_results[own][0].get(0, False)
+        complete = all(all(r in results for r in range(expected)) for results, expected in member_results.values())
+        answered = any(results for results, _ in member_results.values())
+        incomplete += answered and not complete
+        circular_correct += complete and all(all(results.values()) for results, _ in member_results.values())
+    circular = copies or rotated
+    if circular and incomplete:
+        print(f"{source}: {incomplete} question(s) lack answers for some of their rows or rotations, counted "
+              "wrong by CircularEval", file=sys.stderr)
     return {
-        "circular_accuracy": 100.0 * circular_correct / len(rows) if circular else None,
-        "single_round_accuracy": 100.0 * single_correct / len(rows),
-        "questions": len(rows),
+        "circular_accuracy": 100.0 * circular_correct / len(groups) if circular else None,
+        "single_round_accuracy": 100.0 * single_correct / len(groups),
+        "questions": len(groups),
     }
 
 
@@ -198,8 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     if metrics["circular_accuracy"] is not None:
         print(f"CircularEval accuracy: {metrics['circular_accuracy']:.2f}%")
     else:
-        print("No rotations in the answers (generated without --all-rounds): no CircularEval accuracy "
-              "(the MMBench metric); the round-0 accuracy above is not it")
+        print("The TSV holds no circular copies (rows at index + k * 10^6) and the answers no rotations "
+              "(generated without --all-rounds): no CircularEval accuracy (the MMBench metric); the round-0 "
+              "accuracy above is not it")
     if args.metrics_json:
         write_json_atomic(args.metrics_json, metrics, indent=2)
 

@@ -1,9 +1,12 @@
 """Answer MMBench (a TSV: index, question, hint, A-D, answer, category, image as base64, ...).
 
 The prompt is the hint (when present) and the question, then one "X. option" line per option up
-to the first empty one. With ``--all-rounds`` each question is asked once per rotation of its
-options (round_id 0, 1, ...): the option texts move up one letter per round, and the answers file
-records the rotated "options" and "option_char" lists, as the seed did, for CircularEval.
+to the first empty one. Each TSV row is asked once, as the seed did: MMBench's TSVs already hold
+every question's circular copies (rows ``index + k * 10^6`` with the options shifted), from which
+the scorer and the server compute CircularEval. With ``--all-rounds`` each row is also asked once
+per rotation of its options (round_id 0, 1, ...): the option texts move up one letter per round,
+and the answers file records the rotated "options" and "option_char" lists. That is for a TSV
+without the copies; with them it repeats the copies' prompts.
 
     python -m llava.eval.model_vqa_mmbench --model-path MODEL --question-file mmbench_dev_20230712.tsv \\
         --answers-file A.jsonl --single-pred-prompt --lang en --temperature 0 --conv-mode vicuna_v1
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ from PIL import Image
 
 from llava.eval import cli
 from llava.eval import generation as gen
+from llava.eval.eval_mmbench import CIRCULAR_OFFSET
 from llava.mm_utils import load_image_from_base64
 
 ALL_OPTIONS = ["A", "B", "C", "D"]
@@ -30,6 +35,7 @@ SINGLE_PRED_PROMPTS = {
     "cn": "请直接回答选项字母。",
 }
 REQUIRED_COLUMNS = ["index", "question", "image", *ALL_OPTIONS]
+logger = logging.getLogger(__name__)
 
 
 def is_none(value: Any) -> bool:
@@ -123,16 +129,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--answers-file", type=str, default="answer.jsonl")
     cli.add_chunk_arguments(parser)
     cli.add_generation_arguments(parser, max_new_tokens=1024)
-    parser.add_argument("--all-rounds", action="store_true")
+    parser.add_argument("--all-rounds", action="store_true",
+                        help="also ask every rotation of each row's options (for a TSV without circular copies)")
     parser.add_argument("--single-pred-prompt", action="store_true")
     parser.add_argument("--lang", type=str, default="en", choices=sorted(SINGLE_PRED_PROMPTS))
     return parser.parse_args(argv)
 
 
+def circular_copies(table: pd.DataFrame) -> int:
+    """How many rows are circular copies of another row (index >= 10^6, as MMBench numbers them)."""
+    ids = [question_id(index) for index in table["index"]]
+    return sum(1 for qid in ids if isinstance(qid, int) and qid >= CIRCULAR_OFFSET)
+
+
 def main(argv: list[str] | None = None) -> gen.RunSummary:
     cli.configure_logging()
     args = parse_args(argv)
-    table = cli.get_chunk(read_questions(args.question_file), args.num_chunks, args.chunk_idx)
+    questions = read_questions(args.question_file)
+    copies = circular_copies(questions)
+    if args.all_rounds and copies:
+        logger.warning("%s already holds %d circular copies (rows at index + k * 10^6): --all-rounds asks each "
+                       "row in every rotation again, repeating their prompts; the scores stay the same",
+                       args.question_file, copies)
+    table = cli.get_chunk(questions, args.num_chunks, args.chunk_idx)
     return cli.answer_questions(
         args,
         lambda conv_mode, config: build_requests(

@@ -74,8 +74,9 @@ WEIGHT_NORM_NOTE = ("m = ||W0||: magnitudes set to the base weights' row norms, 
                     "the paper's DoRA row.")
 SINGLE_ROUND_NOTE = (
     "(X 1-round): MMBench single-round accuracy (each question asked once, options in their original order), "
-    "not CircularEval, the paper's MMBench metric; not in Avg. For CircularEval run 7B_eval_dora.sh with "
-    "MMBENCH_ALL_ROUNDS=1, or submit the MMBench upload to the evaluation server and record its score.")
+    "not CircularEval, the paper's MMBench metric; not in Avg. The TSV held no circular copies: use MMBench's "
+    "own TSV, run 7B_eval_dora.sh with MMBENCH_ALL_ROUNDS=1, or submit the MMBench upload to the evaluation "
+    "server and record its score.")
 
 
 def benchmark_key(name: str) -> str:
