@@ -13,6 +13,16 @@ from transformers import StoppingCriteria
 from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as RGB the way the seed's pipeline saw it: PIL's conversion, which drops an alpha
+    channel (transparent pixels keep their stored colour). PIL keeps a palette's transparent colour in
+    ``info``, and transformers 5's processors read it to composite that colour onto white (4.31's did
+    not), so it is removed too."""
+    rgb = image.convert("RGB")
+    rgb.info.pop("transparency", None)
+    return rgb
+
+
 def load_image_from_base64(image: str) -> Image.Image:
     """Decode an image sent inline (web demo, MMBench TSV)."""
     return Image.open(BytesIO(base64.b64decode(image)))

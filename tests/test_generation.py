@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -319,6 +320,34 @@ def test_science_prompt_with_single_pred_prompt():
     request = model_vqa_science.build_request(text_only, "imgs", "vicuna_v1", config, single_pred_prompt=True)
     assert request.recorded_prompt == SQA_QUESTION + "\n" + SINGLE_PRED and not request.images
     assert "<image>" not in request.prompt
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P"])
+def test_science_images_drop_transparency_as_the_seed(mode, tmp_path):
+    """A diagram on a transparent background stored as black: the seed's processor (transformers 4.31)
+    converted with PIL, which drops the alpha channel, so the background reaches CLIP black, not white
+    (transformers 5's own conversion would composite it onto white)."""
+    from transformers import CLIPImageProcessor
+
+    pixels = np.zeros((40, 60, 4), np.uint8)
+    pixels[10:30, 20:40] = (255, 0, 0, 255)
+    image = Image.fromarray(pixels, "RGBA")
+    if mode == "P":
+        image = image.convert("RGB").convert("P")
+        image.info["transparency"] = 0
+    image.save(tmp_path / "diagram.png", **({"transparency": 0} if mode == "P" else {}))
+    assert Image.open(tmp_path / "diagram.png").mode == mode
+    item = {"id": "1", "image": "diagram.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}]}
+    request = model_vqa_science.build_request(item, str(tmp_path), "vicuna_v1",
+                                              SimpleNamespace(mm_use_im_start_end=False), single_pred_prompt=True)
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    processor = CLIPImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24},
+                                   image_mean=mean, image_std=std)
+    values = gen.preprocess_images([request.images[0]()], processor, None, "plain")[0]
+    black = torch.tensor([(0 - m) / s for m, s in zip(mean, std)])
+    torch.testing.assert_close(values[:, 0, 0], black, rtol=0, atol=1e-4)  # a background corner
+    red = torch.tensor([(1 - mean[0]) / std[0], (0 - mean[1]) / std[1], (0 - mean[2]) / std[2]])
+    torch.testing.assert_close(values[:, 12, 12], red, rtol=0, atol=1e-4)  # the square's centre
 
 
 def test_science_run_records_image_and_text_only_questions(model_dir, vqa, tmp_path):

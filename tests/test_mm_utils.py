@@ -15,6 +15,7 @@ from llava.mm_utils import (
     get_model_name_from_path,
     load_image_from_base64,
     process_images,
+    to_rgb,
     tokenizer_image_token,
 )
 
@@ -219,3 +220,31 @@ def test_keywords_stopping_inside_generate(tiny_llama_tokenizer):
     criteria = KeywordsStoppingCriteria([keyword], tok, prompt)
     out = model.generate(prompt, max_new_tokens=8, do_sample=False, stopping_criteria=StoppingCriteriaList([criteria]))
     assert out[:, start:].tolist() == [free[: stop_at + 1]] * 2
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P"])
+def test_to_rgb_keeps_transparent_pixels_black_through_the_padded_processor(mode, tmp_path):
+    """A square PNG whose transparent background is stored as black: PIL's conversion (the seed's) gives
+    black, and transformers 5's processor must not composite it onto white from the palette's
+    transparency entry, which PIL's conversion carries over into the RGB image's info."""
+    from transformers import CLIPImageProcessor
+
+    square = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    square.paste((255, 0, 0, 255), (8, 8, 24, 24))
+    if mode == "P":
+        square = square.convert("RGB").convert("P")
+        square.save(tmp_path / "square.png", transparency=0)
+    else:
+        square.save(tmp_path / "square.png")
+    with Image.open(tmp_path / "square.png") as opened:
+        assert opened.mode == mode
+        rgb = to_rgb(opened)
+    assert rgb.mode == "RGB" and "transparency" not in rgb.info
+    mean, std = list(CLIP_MEAN), list(CLIP_STD)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                   image_mean=mean, image_std=std)
+    pixels = process_images([rgb], processor, SimpleNamespace(image_aspect_ratio="pad"))[0]
+    black = torch.tensor([(0 - m) / s for m, s in zip(mean, std)])
+    torch.testing.assert_close(pixels[:, 0, 0], black, rtol=0, atol=1e-4)
+    red = torch.tensor([(1 - mean[0]) / std[0], -mean[1] / std[1], -mean[2] / std[2]])
+    torch.testing.assert_close(pixels[:, 16, 16], red, rtol=0, atol=1e-4)

@@ -33,7 +33,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteriaL
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
 from llava.conversation import Conversation, SeparatorStyle, conv_templates
 from llava.eval import answers_file as answers_file_io
-from llava.mm_utils import KeywordsStoppingCriteria, process_images, tokenizer_image_token
+from llava.mm_utils import KeywordsStoppingCriteria, process_images, to_rgb, tokenizer_image_token
 
 logger = logging.getLogger(__name__)
 
@@ -98,16 +98,10 @@ class RunSummary:
 
 
 def open_rgb(path: str) -> Image.Image:
-    """An image file as RGB, read fully so no file handle stays open."""
+    """An image file as RGB (``to_rgb``), read fully so no file handle stays open. ScienceQA's too: the
+    seed's script left the conversion to the CLIP processor, which in its transformers 4.31 was PIL's."""
     with Image.open(path) as image:
-        return image.convert("RGB")
-
-
-def open_as_is(path: str) -> Image.Image:
-    """An image file in its own mode (the seed's ScienceQA script left conversion to the processor)."""
-    with Image.open(path) as image:
-        image.load()
-        return image.copy()
+        return to_rgb(image)
 
 
 def image_prompt(question: str, model_config: Any) -> str:

@@ -27,7 +27,7 @@ from PIL import Image
 from llava.eval import cli
 from llava.eval import generation as gen
 from llava.eval.eval_mmbench import CIRCULAR_OFFSET
-from llava.mm_utils import load_image_from_base64
+from llava.mm_utils import load_image_from_base64, to_rgb
 
 ALL_OPTIONS = ["A", "B", "C", "D"]
 SINGLE_PRED_PROMPTS = {
@@ -79,7 +79,7 @@ def question_id(index: Any) -> Any:
 
 
 def decode_rgb(image_b64: str) -> Image.Image:
-    return load_image_from_base64(image_b64).convert("RGB")
+    return to_rgb(load_image_from_base64(image_b64))
 
 
 def question_text(row: pd.Series, options: list[str]) -> str:

@@ -54,7 +54,7 @@ def build_request(
     qs, recorded = text, text
     images = []
     if "image" in question:
-        images = [functools.partial(gen.open_as_is, image_path(image_folder, question))]
+        images = [functools.partial(gen.open_rgb, image_path(image_folder, question))]
         qs = gen.image_prompt(qs, model_config)
         recorded = DEFAULT_IMAGE_TOKEN + "\n" + recorded
     if single_pred_prompt:

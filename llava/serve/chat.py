@@ -27,6 +27,7 @@ from llava.conversation import Conversation, conv_templates
 from llava.eval import cli
 from llava.eval import generation as gen
 from llava.eval.run_llava import infer_conv_mode, user_message
+from llava.mm_utils import to_rgb
 from llava.model.builder import adapter_kind
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def open_image(source: str, timeout: float = URL_TIMEOUT_S) -> Image.Image:
             raise ValueError(f"Cannot fetch {source} ({reason}): download the image and pass its path.") from err
         try:
             with Image.open(io.BytesIO(data)) as image:
-                return image.convert("RGB")
+                return to_rgb(image)
         except OSError as err:
             raise ValueError(f"{source} did not return an image ({len(data)} bytes): {err}") from err
     if not os.path.isfile(source):

@@ -26,6 +26,7 @@ from PIL import Image
 from transformers import TextIteratorStreamer
 
 from llava.eval import cli as eval_cli
+from llava.mm_utils import to_rgb
 from llava.serve import chat as chat_lib
 from llava.serve.examples import DEMO_EVAL, Example, benchmark_examples
 
@@ -126,7 +127,7 @@ class Demo:
             raise gr.Error("Upload an image first (or pick an example below).")
         if not question or not question.strip():
             raise gr.Error("Type a question.")
-        return image.convert("RGB"), question.strip()
+        return to_rgb(image), question.strip()
 
     def build(self) -> Any:
         """The page: image, question and settings on the left, one chat per checkpoint on the right."""

@@ -44,7 +44,7 @@ from llava.constants import (
     IMAGE_TOKEN_INDEX,
 )
 from llava.conversation import Conversation, SeparatorStyle
-from llava.mm_utils import expand2square
+from llava.mm_utils import expand2square, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -659,7 +659,7 @@ class LazySupervisedDataset(Dataset):
             )
         try:
             with Image.open(path) as opened:
-                image = opened.convert("RGB")
+                image = to_rgb(opened)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise UnreadableImageError(
                 f"{where}: image {image_file!r} cannot be decoded (file {path}): {err}; replace or remove the file"
