@@ -270,6 +270,24 @@ def test_textvqa_cli(tmp_path):
     assert json.loads(metrics_file.read_text()) == {"accuracy": pytest.approx(60.0), "samples": 2}
 
 
+def test_textvqa_scores_every_answer_line_as_the_seed(tmp_path):
+    """The same question twice on one image: two lines, both scored (the seed's m4c evaluation counts
+    every line), each against the annotation listed last for that (image, question)."""
+    annotations = {"data": [
+        {"image_id": "im", "question": "What word?", "question_id": 1, "answers": ["stop"] * 10},
+        {"image_id": "im", "question": "what word?", "question_id": 2, "answers": ["exit"] * 10},
+        {"image_id": "im", "question": "What colour?", "question_id": 3, "answers": ["red"] * 10},
+    ]}
+    annotation_file = tmp_path / "TextVQA_0.5.1_val.json"
+    annotation_file.write_text(json.dumps(annotations))
+    answers = write_jsonl(tmp_path / "run.jsonl", [
+        answer("im", "stop", "What word?"), answer("im", "exit", "What word?"), answer("im", "red", "What colour?"),
+    ])
+    out = run("-m", "llava.eval.eval_textvqa", "--annotation-file", str(annotation_file),
+              "--result-file", str(answers)).stdout
+    assert "run\nSamples: 3\nAccuracy: 66.67%\n" in out  # "stop" scores 0 against the later "exit" annotation
+
+
 # ---------------------------------------------------------------- ScienceQA
 
 @pytest.mark.parametrize("text, letter", [

@@ -7,8 +7,11 @@ Answers are matched to annotations by (question_id, question): the question_id i
 image_id and the question is taken from the answer's prompt (``question_from_prompt``), both
 lowercased, as the seed matched them. Prediction and the 10 human answers are normalised with the
 official processor; a question scores the mean over the 10 leave-one-out subsets of
-min(1, matches / 3). Accuracy is the mean over the answers that found an annotation, in percent
-(answers without one are reported on stderr and left out, where the seed stopped with a KeyError).
+min(1, matches / 3). Accuracy is the mean over every answer line that found an annotation, in
+percent, as the seed's m4c evaluation: a question asked twice on one image (the same text) is two
+lines and both count, each scored against the annotation listed last for that pair, as the seed's
+lookup. Answers without an annotation are reported on stderr and left out, where the seed stopped
+with a KeyError.
 """
 
 from __future__ import annotations
@@ -44,18 +47,13 @@ def textvqa_accuracy(annotation_file: str | Path, result_file: str | Path) -> tu
         raise InputFileError(f"{annotation_file}: expected TextVQA's {{'data': [...]}} annotation file")
     references = {(id_key(item["image_id"]), item["question"].lower()): item["answers"] for item in data["data"]}
     # question_id is an image id, shared by all questions on that image: the key includes the question.
-    records = read_jsonl(result_file)
-    answers: dict[tuple[str, str], str] = {}
-    for number, record in enumerate(records, start=1):
+    answers: list[tuple[tuple[str, str], str]] = []
+    for number, record in enumerate(read_jsonl(result_file), start=1):
         if not {"question_id", "prompt", "text"} <= record.keys():
             raise InputFileError(f"{result_file}: answer {number} lacks question_id, prompt or text")
-        answers[(id_key(record["question_id"]), question_from_prompt(record["prompt"]))] = record["text"]
-    duplicates = len(records) - len(answers)
-    if duplicates:
-        print(f"{result_file}: {duplicates} duplicated answer(s); the last answer of each question is used",
-              file=sys.stderr)
+        answers.append(((id_key(record["question_id"]), question_from_prompt(record["prompt"])), record["text"]))
     scores, unmatched = [], []
-    for key, text in answers.items():
+    for key, text in answers:
         gold = references.get(key)
         if gold is None:
             unmatched.append(f"{key[0]} {key[1]!r}")
@@ -64,8 +62,8 @@ def textvqa_accuracy(annotation_file: str | Path, result_file: str | Path) -> tu
     if unmatched:
         print(f"{result_file}: {len(unmatched)} answer(s) match no (image_id, question) of {annotation_file}, "
               f"not scored (first: {'; '.join(unmatched[:5])})", file=sys.stderr)
-    if len(scores) < len(references):
-        print(f"{result_file}: {len(references) - len(scores)} annotated question(s) have no answer", file=sys.stderr)
+    if len(scores) < len(data["data"]):
+        print(f"{result_file}: {len(data['data']) - len(scores)} annotated question(s) have no answer", file=sys.stderr)
     if not scores:
         raise InputFileError(f"{result_file}: no answer matches an annotation of {annotation_file}")
     return 100.0 * sum(scores) / len(scores), len(scores)
