@@ -151,3 +151,45 @@ def test_merge_script_takes_a_hub_id_as_base(lora_run, tiny_base, tmp_path):
     _, local, _, _ = load_pretrained_model(str(lora_run), str(tiny_base.language_model), device="cpu")
     want = local.state_dict()
     assert all(torch.equal(tensor, want[key]) for key, tensor in from_hub.state_dict().items())
+
+
+@pytest.mark.parametrize("change", ["renamed", "incomplete"])
+def test_lora_tensors_that_miss_the_model_are_refused(change, lora_run, tiny_base, tmp_path):
+    """PEFT only warns when an adapter file's names do not match the model; the layers left out keep
+    B = 0, so the model would silently be the base. Both directions are refused, naming a tensor."""
+    folder = tmp_path / change
+    shutil.copytree(lora_run, folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    if change == "renamed":  # as transformers' own Llava names the decoder
+        tensors = {k.replace(".model.layers.", ".model.language_model.layers."): v for k, v in tensors.items()}
+        pattern = r"match no LoRA layer of the model \(first: base_model\.model\.model\.language_model\.layers\."
+    else:
+        dropped = sorted(k for k in tensors if k.endswith("lora_B.weight"))[0]
+        del tensors[dropped]
+        pattern = rf"not in the file \(first: {dropped}\)"
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=pattern):
+        load_pretrained_model(str(folder), str(tiny_base.language_model), device="cpu")
+
+
+def test_a_run_trained_over_a_quantized_base_loads_as_the_flags_say(lora_run, tiny_base, tmp_path):
+    """A --bits run's config.json keeps the training's quantization_config. Without a load flag the base
+    is loaded in float32, as from a run trained without quantization; --load-8bit gives 8-bit layers,
+    not the 4-bit ones training used."""
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    folder = tmp_path / "trained_4bit"
+    shutil.copytree(lora_run, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4").to_dict()
+    (folder / "config.json").write_text(json.dumps(config))
+    ids = torch.tensor([[1, 5, 9, 12]])
+    _, plain, _, _ = load_pretrained_model(str(lora_run), str(tiny_base.language_model), device="cpu")
+    _, model, _, _ = load_pretrained_model(str(folder), str(tiny_base.language_model), device="cpu")
+    assert not any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())
+    torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+    _, model, _, _ = load_pretrained_model(str(folder), str(tiny_base.language_model), device="cpu", load_8bit=True)
+    q_proj = model.get_model().layers[0].self_attn.q_proj
+    assert isinstance(q_proj.get_base_layer() if hasattr(q_proj, "get_base_layer") else q_proj, bnb.nn.Linear8bitLt)
+    assert type(model.lm_head) is torch.nn.Linear  # the builder's own settings: lm_head stays unquantized

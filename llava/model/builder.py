@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer
@@ -185,7 +186,7 @@ def load_pretrained_model(
     elif model_base is not None:
         logger.info("Loading the language model from %s and the projector from %s", model_base, model_path)
         tokenizer = AutoTokenizer.from_pretrained(model_base)
-        config = LlavaConfig.from_pretrained(model_path)
+        config = checkpoint_config(model_path)
         model = LlavaLlamaForCausalLM.from_pretrained(model_base, config=config, **kwargs)
         if mm_projector is None:
             _load_projector(model, os.path.join(model_path, "mm_projector.bin"), torch_dtype)
@@ -216,6 +217,49 @@ def load_pretrained_model(
     return tokenizer, model, vision_tower.image_processor, context_len
 
 
+def checkpoint_config(model_path: str) -> LlavaConfig:
+    """The checkpoint's config.json for building the model over a base, without the quantization a
+    ``--bits`` run was trained over: the load flags (``load_4bit`` / ``load_8bit``) alone decide how
+    the base is quantized, and without them it is loaded in floating point."""
+    config = LlavaConfig.from_pretrained(model_path)
+    trained = getattr(config, "quantization_config", None)
+    if trained is not None:
+        del config.quantization_config
+        bits = "4-bit" if _setting(trained, "load_in_4bit") else "8-bit" if _setting(trained, "load_in_8bit") else "quantized"
+        logger.info("%s was trained over a %s base; the base is loaded as the load flags say, not as in training",
+                    model_path, bits)
+    return config
+
+
+def _setting(config: Any, name: str) -> Any:
+    return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+
+
+def _check_lora_keys(peft_model, folder: Path) -> None:
+    """Every tensor of a plain LoRA adapter file must land on the model, and every LoRA layer get its
+    tensors: PEFT only warns about missing keys, and a layer that got none keeps B = 0, so the model
+    would silently be the base model."""
+    from peft.utils import get_peft_model_state_dict
+
+    file = next((folder / name for name in ADAPTER_FILES if (folder / name).is_file()), None)
+    if file is None:
+        raise FileNotFoundError(f"{folder}: no adapter weights ({' or '.join(ADAPTER_FILES)}) next to adapter_config.json")
+    saved = set(_tensor_names(file))
+    expected = set(get_peft_model_state_dict(peft_model))
+    unknown, missing = sorted(saved - expected), sorted(expected - saved)
+    if unknown or missing:
+        details = []
+        if unknown:
+            details.append(f"{len(unknown)} tensor(s) of the file match no LoRA layer of the model (first: {unknown[0]})")
+        if missing:
+            details.append(f"{len(missing)} tensor(s) the model's LoRA layers need are not in the file (first: {missing[0]})")
+        raise ValueError(
+            f"{file}: {'; '.join(details)}. The adapter was trained on a model with other module names (for "
+            "example transformers' own Llava, model.language_model.*) or the file is incomplete; loading it "
+            "would leave those layers at the base model's weights."
+        )
+
+
 def _load_projector(model, path: str, dtype: torch.dtype) -> None:
     """Load a projector file (keys ``model.mm_projector.*``, as stage 1 writes mm_projector.bin)."""
     projector = torch.load(path, map_location="cpu", weights_only=True)
@@ -234,7 +278,7 @@ def _load_adapter_model(model_path: str, model_base: str, missing_magnitudes: st
 
     logger.info("Loading the base model %s and the adapter %s", model_base, model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_base)
-    config = LlavaConfig.from_pretrained(model_path)
+    config = checkpoint_config(model_path)
     model = LlavaLlamaForCausalLM.from_pretrained(model_base, config=config, **kwargs)
     vocab = model.lm_head.out_features
     if vocab != config.vocab_size:
@@ -255,6 +299,7 @@ def _load_adapter_model(model_path: str, model_base: str, missing_magnitudes: st
         from peft import PeftModel
 
         peft_model = PeftModel.from_pretrained(model, model_path)
+        _check_lora_keys(peft_model, Path(model_path))
     else:
         peft_model, _ = load_dora_adapter(
             model, model_path, missing_magnitudes=missing_magnitudes, magnitudes=dora_magnitudes
