@@ -473,6 +473,7 @@ def test_mmbench_copies_are_the_prompts_that_all_rounds_would_ask(eval_dir):
     each_row = model_vqa_mmbench.build_requests(table, "vicuna_v1", config, True, False, "en")
     rotated = model_vqa_mmbench.build_requests(questions, "vicuna_v1", config, True, True, "en")
     assert len(each_row) == len(rotated) > len(questions)
+    assert model_vqa_mmbench.circular_copies(table) == len(table) - len(questions)  # what --all-rounds warns of
     assert Counter(r.prompt for r in each_row) == Counter(r.prompt for r in rotated)
 
 
