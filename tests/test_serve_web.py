@@ -196,3 +196,61 @@ def test_follow_up_questions_go_on_with_each_checkpoints_own_conversation(checkp
         generator = gen.Generator(model.model, model.tokenizer, model.image_processor, settings, batch_size=1)
         second = next(generator.answer([request]))[1]
         assert final[k] == [(QUESTION, expected[label]), (follow_up, second)]
+
+
+def test_labels_tell_every_checkpoint_apart():
+    """The labels key the API's answers: equal ones would drop an answer."""
+    from llava.serve.web import labels_for
+
+    assert labels_for(["runs/7b/checkpoints/dora", "runs/13b/checkpoints/dora", "x/lora"], None) == [
+        "7b/checkpoints/dora", "13b/checkpoints/dora", "lora"]
+    assert labels_for(["checkpoints/demo/ft", "checkpoints/demo-seed1/ft"], None) == ["demo/ft", "demo-seed1/ft"]
+    assert labels_for(["a/ft", "a/ft"], None) == ["a/ft (1)", "a/ft (2)"]
+    with pytest.raises(ValueError, match="--labels must be distinct"):
+        labels_for(["a", "b"], ["same", "same"])
+
+
+def test_page_reads_photos_as_evaluation_does_and_routes_the_projector(checkpoints, tmp_path):
+    """The page's image component hands over the uploaded file, which is opened as evaluation opens it: a
+    photo with an EXIF orientation tag is not turned (gradio's own PIL conversion would turn it). With
+    several checkpoints, --mm-projector goes only to those without a projector of their own."""
+    import gradio as gr
+    import numpy as np
+    import torch
+    from gradio.data_classes import FileData
+    from PIL import Image
+
+    from llava.serve import web
+
+    full, dora, eval_dir = checkpoints
+    bare = tmp_path / "dora_without_projector"
+    shutil.copytree(dora, bare)
+    non_lora = torch.load(bare / "non_lora_trainables.bin", weights_only=True)
+    projector_keys = [k for k in non_lora if "mm_projector" in k]
+    torch.save({k: v for k, v in non_lora.items() if k not in projector_keys}, bare / "non_lora_trainables.bin")
+    own = {k.removeprefix("base_model.model."): v for k, v in non_lora.items() if k in projector_keys}
+    replacement = {k: torch.randn_like(v) for k, v in own.items()}
+    torch.save(replacement, tmp_path / "projector.bin")
+
+    args = web.parse_args(["--model-path", str(full), str(dora), str(bare), "--model-base", str(full),
+                           "--mm-projector", str(tmp_path / "projector.bin"), "--device", "cpu"])
+    demo = web.load_demo(args)
+    assert [m.label for m in demo.models] == [full.name, dora.name, bare.name]
+    states = [m.loaded.model.state_dict() for m in demo.models]
+    ft_own = load_pretrained_model(str(full), None, device="cpu")[1].state_dict()
+    assert all(torch.equal(states[0][k], ft_own[k]) for k in own)  # the full model keeps its projector
+    assert all(torch.equal(states[1][k], own[k]) for k in own)  # so does the adapter that has one
+    assert all(torch.equal(states[2][k], replacement[k]) for k in own)  # the one without gets the file
+
+    photo = Image.new("RGB", (48, 24), (200, 30, 30))
+    photo.paste((20, 20, 220), (0, 0, 12, 24))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees to display"
+    photo.save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    page = demo.build()
+    component = next(block for block in page.blocks.values() if isinstance(block, gr.Image))
+    handed = component.preprocess(FileData(path=str(tmp_path / "phone.jpg"), orig_name="phone.jpg"))
+    image, _ = demo._check(handed, "what?")
+    evaluated = gen.open_rgb(str(tmp_path / "phone.jpg"))
+    assert image.size == evaluated.size == (48, 24)
+    assert (np.asarray(image) == np.asarray(evaluated)).all()

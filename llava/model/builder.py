@@ -77,6 +77,18 @@ def _holds_projector(model_base: str) -> bool:
     return config.is_file() and "mm_projector_type" in json.loads(config.read_text())
 
 
+def has_own_projector(model_path: str, model_base: str | None) -> bool:
+    """Whether a checkpoint brings its projector: a full model (loaded without a base) does, an adapter
+    if its non-LoRA trainables hold one, a projector-only folder if it has mm_projector.bin."""
+    if model_base is None:
+        return True
+    folder = Path(model_path)
+    if is_adapter(model_path):
+        files = [folder / name for name in NON_LORA_FILES if (folder / name).is_file()]
+        return any("mm_projector" in key for file in files for key in _tensor_names(file))
+    return (folder / "mm_projector.bin").is_file()
+
+
 def check_model_folders(model_path: str, model_base: str | None, mm_projector: str | None = None) -> None:
     """Refuse, before any model is built, checkpoints that would load wrong or not at all.
 

@@ -28,7 +28,7 @@ from llava.eval import cli
 from llava.eval import generation as gen
 from llava.eval.run_llava import infer_conv_mode, user_message
 from llava.mm_utils import to_rgb
-from llava.model.builder import adapter_kind
+from llava.model.builder import adapter_kind, has_own_projector
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +115,21 @@ class ChatModel:
         return self.loaded.tokenizer
 
 
-def load_chat_model(args: argparse.Namespace, model_path: str, label: str | None = None) -> ChatModel:
-    """Load one checkpoint with the evaluation's loader; ``args`` carries the shared model flags."""
-    per_model = argparse.Namespace(**{**vars(args), "model_path": model_path,
-                                      "model_base": base_for(model_path, args.model_base)})
+def load_chat_model(args: argparse.Namespace, model_path: str, label: str | None = None,
+                    route_projector: bool = False) -> ChatModel:
+    """Load one checkpoint with the evaluation's loader; ``args`` carries the shared model flags.
+
+    With ``route_projector`` (several checkpoints on one page) ``--mm-projector`` goes, like
+    ``--model-base``, only to the checkpoints without a projector of their own; alone, a checkpoint
+    takes it as evaluation does (in place of its own).
+    """
+    model_base = base_for(model_path, args.model_base)
+    mm_projector = getattr(args, "mm_projector", None)
+    if route_projector and mm_projector is not None and has_own_projector(model_path, model_base):
+        logger.info("%s has a projector of its own: --mm-projector is not applied to it", model_path)
+        mm_projector = None
+    per_model = argparse.Namespace(**{**vars(args), "model_path": model_path, "model_base": model_base,
+                                      "mm_projector": mm_projector})
     loaded = cli.load_model(per_model)
     conv_mode = chat_conv_mode(args.conv_mode, loaded.name)
     logger.info("%s: template %s", model_path, conv_mode)

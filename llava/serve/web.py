@@ -49,15 +49,24 @@ def import_gradio() -> Any:
 
 
 def labels_for(paths: list[str], labels: list[str] | None) -> list[str]:
-    """``--labels`` if given, else each folder's name (with its parent's where two names are equal)."""
+    """``--labels`` if given (distinct), else each folder's name, with as many parent folders as it takes
+    to tell it from the others (the same folder twice is numbered). Labels are the API's answer keys:
+    two equal ones would drop an answer."""
     if labels is not None:
         if len(labels) != len(paths):
             raise ValueError(f"--labels gives {len(labels)} name(s) for {len(paths)} --model-path(s).")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"--labels must be distinct (they name each checkpoint's answer): {labels}")
         return labels
-    names = [Path(p).name or p for p in paths]
-    return [
-        f"{Path(p).parent.name}/{name}" if names.count(name) > 1 else name for p, name in zip(paths, names)
-    ]
+    parts = [Path(p).parts or (p,) for p in paths]
+    chosen = []
+    for own in parts:
+        depth = 1
+        while depth < len(own) and sum(other[-depth:] == own[-depth:] for other in parts) > 1:
+            depth += 1
+        chosen.append("/".join(own[-depth:]))
+    return [f"{label} ({chosen[:k].count(label) + 1})" if chosen.count(label) > 1 else label
+            for k, label in enumerate(chosen)]
 
 
 def stream_answer(chat: chat_lib.Chat, question: str, sampling: Any) -> Iterator[str]:
@@ -99,7 +108,7 @@ class Demo:
     def _sampling(self, model: chat_lib.ChatModel, temperature: float, max_new_tokens: int) -> Any:
         return chat_lib.settings(float(temperature), int(max_new_tokens), model.conv_mode, self.top_p)
 
-    def answer(self, image: Image.Image | None, question: str, temperature: float = 0.0,
+    def answer(self, image: Image.Image | str | None, question: str, temperature: float = 0.0,
                max_new_tokens: int = 128) -> dict[str, str]:
         """One question about one image, answered by every checkpoint (a fresh conversation each)."""
         image, question = self._check(image, question)
@@ -108,7 +117,7 @@ class Demo:
             for model in self.models
         }
 
-    def ask(self, image: Image.Image | None, question: str, temperature: float, max_new_tokens: int,
+    def ask(self, image: Image.Image | str | None, question: str, temperature: float, max_new_tokens: int,
             history: History) -> Iterator[tuple[str, History]]:
         """The next turn of every conversation, one checkpoint after another, streamed."""
         image, question = self._check(image, question)
@@ -121,13 +130,16 @@ class Demo:
                 yield "", [list(turns) for turns in history]  # a snapshot: the next token changes history
 
     @staticmethod
-    def _check(image: Image.Image | None, question: str) -> tuple[Image.Image, str]:
+    def _check(image: Image.Image | str | None, question: str) -> tuple[Image.Image, str]:
+        """The image as evaluation reads it: the page hands over the uploaded file's path, which is opened
+        like an evaluation image (no EXIF rotation, which gradio's own PIL conversion would apply)."""
         gr = import_gradio()
         if image is None:
             raise gr.Error("Upload an image first (or pick an example below).")
         if not question or not question.strip():
             raise gr.Error("Type a question.")
-        return to_rgb(image), question.strip()
+        image = chat_lib.open_image(str(image)) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
+        return image, question.strip()
 
     def build(self) -> Any:
         """The page: image, question and settings on the left, one chat per checkpoint on the right."""
@@ -140,8 +152,10 @@ class Demo:
             history = gr.State([])
             with gr.Row():
                 with gr.Column(scale=1, min_width=260):
-                    image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], height=260,
-                                     elem_id="image")
+                    # The file as uploaded (type "filepath" with no image_mode): gradio's PIL conversion would
+                    # turn photos by their EXIF orientation, which evaluation and the terminal chat do not.
+                    image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"],
+                                     height=260, elem_id="image")
                     question = gr.Textbox(label="Question", placeholder="What colour is the shape?", lines=2,
                                           elem_id="question")
                     with gr.Row():
@@ -219,7 +233,9 @@ def load_demo(args: argparse.Namespace) -> Demo:
         raise FileNotFoundError(f"--examples {args.examples}: no such folder (an evaluation folder, FORMATS.md).")
     examples_dir = args.examples or DEMO_EVAL
     examples = benchmark_examples(examples_dir) if examples_dir.is_dir() else []
-    models = [chat_lib.load_chat_model(args, path, label) for path, label in zip(args.model_path, labels)]
+    several = len(args.model_path) > 1
+    models = [chat_lib.load_chat_model(args, path, label, route_projector=several)
+              for path, label in zip(args.model_path, labels)]
     return Demo(models, examples, args.temperature, args.max_new_tokens, args.top_p)
 
 
