@@ -196,7 +196,9 @@ class Demo:
             send.click(on_ask, inputs, outputs, api_visibility="private", concurrency_id="models")
             question.submit(on_ask, inputs, outputs, api_visibility="private", concurrency_id="models")
             for trigger in (clear.click, image.change):  # a new image (uploaded or an example) starts over
-                trigger(lambda: ([], *show([])), None, [history, *chats], api_visibility="private")
+                # queued behind a running answer, which would otherwise repaint the chats after the reset
+                trigger(lambda: ([], *show([])), None, [history, *chats], api_visibility="private",
+                        concurrency_id="models")
             api_ask.click(self.answer, [image, question, temperature, max_new_tokens], answers, api_name="answer",
                           concurrency_id="models")
         return page
