@@ -6,7 +6,7 @@
 CircularEval, the paper's MMBench metric, as the MMBench authors score it (VLMEvalKit): the TSV
 itself holds every question's circular copies. Row ``g`` is the question and rows ``g + k * 10^6``
 are its copies with the options shifted, each with its own "answer" letter
-(mmbench_dev_20230712.tsv: 4377 rows for its questions). A question counts as correct only if
+(one row per option, so a TSV has up to four times as many rows as questions). A question counts as correct only if
 every row of its group, ``index % 10^6``, is answered with the letter of its right option; a row
 without an answer counts as wrong. ``questions`` is the number of groups, not of rows.
 
