@@ -181,21 +181,20 @@ def mmbench_accuracy(tsv: pd.DataFrame, answers: Sequence[dict[str, Any]],
         print(f"{source}: {len(unanswered)} TSV row(s) without an answer, counted wrong "
               f"(first: {', '.join(unanswered[:5])})", file=sys.stderr)
 
-    def row_results(qid: str) -> tuple[dict[int, bool], int]:
+    def row_results(qid: str) -> dict[int, bool]:
         row = rows[qid]
         options = present_options(row)
-        results = {r: round_is_correct(a, str(row["answer"]), options) for r, a in rounds.get(qid, {}).items()}
-        return results, (len(options) if rotated else 1)
+        return {r: round_is_correct(a, str(row["answer"]), options) for r, a in rounds.get(qid, {}).items()}
 
     single_correct = circular_correct = incomplete = 0
     for members in groups.values():
         own = min(members, key=lambda qid: int(rows[qid]["index"]))  # the question's own row: index == group
-        member_results = {qid: row_results(qid) for qid in members}
-        single_correct += member_results[own][0].get(0, False)
-        complete = all(all(r in results for r in range(expected)) for results, expected in member_results.values())
-        answered = any(results for results, _ in member_results.values())
-        incomplete += answered and not complete
-        circular_correct += complete and all(all(results.values()) for results, _ in member_results.values())
+        results = {qid: row_results(qid) for qid in members}
+        single_correct += results[own].get(0, False)
+        expected = [(qid, r) for qid in members for r in range(len(present_options(rows[qid])) if rotated else 1)]
+        complete = all(r in results[qid] for qid, r in expected)
+        incomplete += any(results.values()) and not complete
+        circular_correct += complete and all(right for by_round in results.values() for right in by_round.values())
     circular = copies or rotated
     if circular and incomplete:
         print(f"{source}: {incomplete} question(s) lack answers for some of their rows or rotations, counted "

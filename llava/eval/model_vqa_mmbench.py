@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> gen.RunSummary:
     cli.configure_logging()
     args = parse_args(argv)
     questions = read_questions(args.question_file)
-    copies = circular_copies(questions)
-    if args.all_rounds and copies:
+    copies = circular_copies(questions) if args.all_rounds else 0
+    if copies:
         logger.warning("%s already holds %d circular copies (rows at index + k * 10^6): --all-rounds asks each "
                        "row in every rotation again, repeating their prompts; the scores stay the same",
                        args.question_file, copies)

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import AutoTokenizer
@@ -108,7 +107,7 @@ def check_model_folders(model_path: str, model_base: str | None, mm_projector: s
         return
     folder = Path(model_path)
     if not is_adapter(model_path):
-        if mm_projector is None and not (folder / "mm_projector.bin").is_file():
+        if mm_projector is None and not has_own_projector(model_path, model_base):
             raise FileNotFoundError(
                 f"{model_path}: no mm_projector.bin. With a base model ({model_base}) the folder must be a "
                 "projector-only checkpoint (config.json, mm_projector.bin) or an adapter (adapter_config.json)."
@@ -116,16 +115,15 @@ def check_model_folders(model_path: str, model_base: str | None, mm_projector: s
         return
     if adapter_kind(model_path) == "lora":
         _refuse_dora_tensors_under_lora(folder)
-    if mm_projector is None and not _holds_projector(model_base):
-        non_lora = [folder / name for name in NON_LORA_FILES if (folder / name).is_file()]
-        if not any("mm_projector" in key for file in non_lora for key in _tensor_names(file)):
-            where = non_lora[0].name if non_lora else " or ".join(NON_LORA_FILES)
-            raise FileNotFoundError(
-                f"{model_path}: no projector weights (mm_projector.*) in {where}, and the base model {model_base} has "
-                "none: the model would be evaluated with a random projector. Use a checkpoint that training wrote "
-                "completely, or name the projector it was trained with: --mm-projector PATH "
-                "(e.g. the stage-1 mm_projector.bin, for a run with a frozen projector)."
-            )
+    if mm_projector is None and not _holds_projector(model_base) and not has_own_projector(model_path, model_base):
+        non_lora = [name for name in NON_LORA_FILES if (folder / name).is_file()]
+        where = non_lora[0] if non_lora else " or ".join(NON_LORA_FILES)
+        raise FileNotFoundError(
+            f"{model_path}: no projector weights (mm_projector.*) in {where}, and the base model {model_base} has "
+            "none: the model would be evaluated with a random projector. Use a checkpoint that training wrote "
+            "completely, or name the projector it was trained with: --mm-projector PATH "
+            "(e.g. the stage-1 mm_projector.bin, for a run with a frozen projector)."
+        )
 
 
 def _refuse_dora_tensors_under_lora(folder: Path) -> None:
@@ -234,17 +232,10 @@ def checkpoint_config(model_path: str) -> LlavaConfig:
     ``--bits`` run was trained over: the load flags (``load_4bit`` / ``load_8bit``) alone decide how
     the base is quantized, and without them it is loaded in floating point."""
     config = LlavaConfig.from_pretrained(model_path)
-    trained = getattr(config, "quantization_config", None)
-    if trained is not None:
+    if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
-        bits = "4-bit" if _setting(trained, "load_in_4bit") else "8-bit" if _setting(trained, "load_in_8bit") else "quantized"
-        logger.info("%s was trained over a %s base; the base is loaded as the load flags say, not as in training",
-                    model_path, bits)
+        logger.info("%s was trained over a quantized base; the base is loaded as the load flags say", model_path)
     return config
-
-
-def _setting(config: Any, name: str) -> Any:
-    return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
 
 
 def _check_lora_keys(peft_model, folder: Path) -> None:

@@ -181,11 +181,19 @@ def _unmerged_weight(module: DoraLinear) -> torch.Tensor:
     weight = weight.to(dtype)
     for adapter in reversed(module.merged_adapters):
         if adapter in module.lora_variant:
-            norm = module._caches[f"{adapter}-dora-norm"]
-            factor = (module.lora_magnitude_vector[adapter].weight.detach().to(dtype) / norm.to(dtype)).unsqueeze(1)
-            weight = weight / (factor.t() if module.fan_in_fan_out else factor)
-        weight = weight - module.get_delta_weight(adapter).to(dtype)
+            weight = _taken_out(module, adapter, weight, module._caches[f"{adapter}-dora-norm"].to(dtype))
+        else:
+            weight = weight - module.get_delta_weight(adapter).to(dtype)
     return weight.t() if module.fan_in_fan_out else weight
+
+
+def _taken_out(module: DoraLinear, adapter: str, weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """A weight (as PEFT stores it) that holds a merged DoRA adapter, with that adapter taken out again:
+    W / (m / n) - sBA, in the norm's dtype (n: the norm the merge used)."""
+    factor = (module.lora_magnitude_vector[adapter].weight.detach().to(norm.dtype) / norm).unsqueeze(1)
+    if module.fan_in_fan_out:
+        factor = factor.t()
+    return weight.to(norm.dtype) / factor - module.get_delta_weight(adapter).to(norm.dtype)
 
 
 def _unmerged_norm(module: DoraLinear, adapter: str) -> torch.Tensor:
@@ -264,12 +272,7 @@ class DoraVariant(LoraVariant):
     @staticmethod
     def unmerge(module: DoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
         norm = module._cache_pop(f"{active_adapter}-dora-norm")
-        magnitude = module.lora_magnitude_vector[active_adapter].weight.detach().to(norm.dtype)
-        factor = (magnitude / norm).unsqueeze(1)
-        if module.fan_in_fan_out:
-            factor = factor.t()
-        delta = module.get_delta_weight(active_adapter).to(norm.dtype)
-        return (orig_weight.data.to(norm.dtype) / factor - delta).to(orig_weight.dtype)
+        return _taken_out(module, active_adapter, orig_weight.data, norm).to(orig_weight.dtype)
 
     @staticmethod
     def forward(module: DoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any):
