@@ -25,7 +25,12 @@ if [ "${BROWSER:-0}" = 1 ] && { ! command -v chromium >/dev/null 2>&1 || ! comma
   fi
 fi
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$VENV/bin/python" -c "import llava, peft_dora" 2>/dev/null; then
+# The test suite runs the pinned PEFT release's own DoRA tests against this project's layer; they ship
+# only in its source distribution, kept here.
+UPSTREAM="$VENV/upstream"
+upstream_sdist() { ls "$UPSTREAM"/peft-*.tar.gz >/dev/null 2>&1; }
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && upstream_sdist && "$VENV/bin/python" -c "import llava, peft_dora" 2>/dev/null; then
   echo "setup: .venv is up to date"
   exit 0
 fi
@@ -34,21 +39,28 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-pip_install() {
+pip_quiet() {
   # pip's notes about this machine's local package folders are noise; its errors are not.
   set +e
-  "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored: it is neither"
+  "$VENV/bin/python" -m pip "$@" --disable-pip-version-check -q 2>&1 | grep -v "is ignored: it is neither"
   local rc=${PIPESTATUS[0]}
   set -e
   return "$rc"
 }
 echo "setup: installing torch (CPU build where it lies on disk) and the pinned libraries"
-pip_install "torch==2.13.0"
+pip_quiet install "torch==2.13.0"
 echo "setup: installing llava and peft-dora (editable, with the test and serve extras)"
-pip_install -e "$ROOT/peft" -e "$ROOT[test,serve]"
+pip_quiet install -e "$ROOT/peft" -e "$ROOT[test,serve]"
 if [ "${EXTRAS:-}" = "gpu" ]; then
   echo "setup: installing the GPU extras (flash-attn)"
-  pip_install -e "$ROOT[gpu]" --no-build-isolation
+  pip_quiet install -e "$ROOT[gpu]" --no-build-isolation
+fi
+PEFT_VERSION="$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("peft"))')"
+if [ ! -f "$UPSTREAM/peft-$PEFT_VERSION.tar.gz" ]; then
+  echo "setup: downloading PEFT $PEFT_VERSION's source distribution (its DoRA tests run against this project's layer)"
+  rm -rf "$UPSTREAM"
+  pip_quiet download --no-deps --no-binary :all: -d "$UPSTREAM" "peft==$PEFT_VERSION" \
+    || echo "setup: the download failed; tests/test_upstream_peft_suite.py fails until it succeeds (rerun this script)"
 fi
 echo "$WANT" > "$STAMP"
 echo "setup: done ($("$VENV/bin/python" -c 'import torch, transformers, peft, deepspeed; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, deepspeed {deepspeed.__version__}")' 2>/dev/null))"
