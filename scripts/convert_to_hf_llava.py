@@ -36,6 +36,7 @@ import torch
 from llava.mm_utils import get_model_name_from_path
 from llava.model import LlavaConfig
 from llava.model.builder import load_pretrained_model
+from llava.output_folder import check_output_folder, replace_folder
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -95,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=[*DTYPES, "auto"],
         help="dtype of the written weights (auto: the dtype saved with the language model); merging is done in float32",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists (never one holding the input)")
     return parser.parse_args(argv)
 
 
@@ -235,8 +236,7 @@ def convert(model_path: str, out_dir: Path, model_base: str | None = None, dtype
             overwrite: bool = False) -> list[Path]:
     """Write ``out_dir`` (through ``out_dir.tmp``, renamed at the end); returns the files written."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it.")
+    check_output_folder(out_dir, overwrite, [model_path, model_base])
     out_dtype = saved_dtype(model_path, model_base) if dtype == "auto" else DTYPES[dtype]
     check_convertible(LlavaConfig.from_pretrained(model_path))
     tokenizer, model, image_processor, _ = load_pretrained_model(
@@ -255,9 +255,7 @@ def convert(model_path: str, out_dir: Path, model_base: str | None = None, dtype
     shutil.rmtree(tmp, ignore_errors=True)
     write_hf_model(state, cfg, generation_config, tmp)
     build_processor(tokenizer, image_processor, model.config, cfg).save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    replace_folder(tmp, out_dir)
 
     print(f"Wrote transformers LlavaForConditionalGeneration ({out_dtype}) to {out_dir}:")
     print(f"  vocab {rows} -> {vocab_size} rows: '{IMAGE_TOKEN}' = {image_token_id}, '{PAD_TOKEN}' = {pad_token_id}")

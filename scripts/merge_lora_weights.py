@@ -19,6 +19,7 @@ from transformers import PretrainedConfig
 
 from llava.mm_utils import get_model_name_from_path
 from llava.model.builder import load_pretrained_model
+from llava.output_folder import check_output_folder, replace_folder
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -32,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="dtype of the saved weights (auto: the dtype recorded in the base's config.json)")
     parser.add_argument("--missing-magnitudes", default="error", choices=["error", "weight_norm"],
                         help="weight_norm: reproduce the seed loader for DoRA checkpoints without magnitudes")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --save-model-path if it exists (never one holding the adapter or the base)")
     parser.add_argument("--dora-magnitudes", default="trained", choices=["trained", "weight_norm"],
                         help="weight_norm: m = ||W0|| for every DoRA layer, the model the seed's loader evaluated")
     return parser.parse_args(argv)
@@ -50,29 +53,31 @@ def base_dtype(model_base: str) -> torch.dtype:
 
 
 def merge_lora(model_path: str, model_base: str, save_model_path: Path, dtype: str = "auto",
-               missing_magnitudes: str = "error", dora_magnitudes: str = "trained") -> None:
+               missing_magnitudes: str = "error", dora_magnitudes: str = "trained", overwrite: bool = False) -> None:
     """Merge, then save through ``save_model_path.tmp``, renamed at the end: a failed run leaves no half model."""
+    out = Path(save_model_path)
+    check_output_folder(out, overwrite, [model_path, model_base])
     out_dtype = base_dtype(model_base) if dtype == "auto" else DTYPES[dtype]
     tokenizer, model, _, _ = load_pretrained_model(
         model_path, model_base, get_model_name_from_path(model_path), device="cpu", torch_dtype=torch.float32,
         missing_magnitudes=missing_magnitudes, dora_magnitudes=dora_magnitudes,
     )
     model.to(out_dtype)
-    out = Path(save_model_path)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    replace_folder(tmp, out)
     print(f"Merged {model_path} into {model_base}; saved the full model ({out_dtype}) to {out}")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    merge_lora(args.model_path, args.model_base, args.save_model_path, args.dtype, args.missing_magnitudes,
-               args.dora_magnitudes)
+    try:
+        merge_lora(args.model_path, args.model_base, args.save_model_path, args.dtype, args.missing_magnitudes,
+                   args.dora_magnitudes, args.overwrite)
+    except (FileExistsError, ValueError) as error:
+        raise SystemExit(f"merge_lora_weights: {error}") from error
 
 
 if __name__ == "__main__":

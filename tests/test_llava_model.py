@@ -8,6 +8,7 @@ adapter logits from the unmerged PEFT model, and exported logits from transforme
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -363,9 +364,9 @@ def test_load_projector_only_checkpoint_onto_the_base(tiny, tmp_path):
 @pytest.fixture(scope="module")
 def dora_checkpoint(tiny, tmp_path_factory):
     """A DoRA run's output as train.py writes it: adapter, config.json, non_lora_trainables.bin (projector)."""
-    from peft import get_peft_model
-
     from peft_dora import DoraConfig
+
+    from peft import get_peft_model
 
     torch.manual_seed(0)
     base = LlavaLlamaForCausalLM.from_pretrained(tiny.base.language_model)
@@ -410,6 +411,42 @@ def test_merge_lora_weights_writes_a_full_model(tiny, dora_checkpoint, tmp_path)
     batch = multimodal_batch(tiny)
     want = llava_logits(dora_checkpoint.model, batch)
     torch.testing.assert_close(llava_logits(model, batch), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("script", ["merge_lora_weights.py", "convert_to_hf_llava.py"])
+def test_scripts_never_delete_a_folder_they_were_not_told_to_replace(script, tiny, dora_checkpoint, tmp_path):
+    """Both replace their output folder whole: a folder holding files needs --overwrite, and one holding the
+    checkpoint being read is refused even then. Nothing is deleted, and the refusal comes before loading."""
+    def run(out: Path, *flags: str) -> subprocess.CompletedProcess:
+        if script == "merge_lora_weights.py":
+            args = ["--model-path", str(checkpoint), "--model-base", str(tiny.base.language_model),
+                    "--save-model-path", str(out)]
+        else:
+            args = [str(checkpoint), str(out), "--model-base", str(tiny.base.language_model)]
+        return subprocess.run([sys.executable, f"scripts/{script}", *args, *flags], cwd=REPO,
+                              capture_output=True, text=True, check=False)
+
+    checkpoint = tmp_path / "runs" / "dora"
+    shutil.copytree(dora_checkpoint.path, checkpoint)
+    (tmp_path / "runs" / "notes.txt").write_text("keep")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    refused = run(tmp_path / "other")
+    assert refused.returncode != 0 and "pass --overwrite" in refused.stderr, refused.stderr[-2000:]
+    for target, flags in ((tmp_path / "runs", ()), (tmp_path / "runs", ("--overwrite",)), (checkpoint, ("--overwrite",))):
+        refused = run(target, *flags)
+        assert refused.returncode != 0 and "would delete it" in refused.stderr, refused.stderr[-2000:]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+    (tmp_path / "empty").mkdir()
+    assert run(tmp_path / "empty").returncode == 0
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "stale.txt").write_text("an earlier export")
+    assert run(old, "--overwrite").returncode == 0
+    assert not (old / "stale.txt").exists() and (old / "config.json").is_file()
 
 
 @torch.no_grad()
