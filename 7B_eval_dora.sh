@@ -15,9 +15,9 @@
 # m = ||W0|| for every DoRA layer, as the seed's loader evaluated the paper's published DoRA row),
 # MMBENCH_ALL_ROUNDS (0: each TSV row asked once, as the seed: the MMBench TSV already holds every
 # question's circular copies, from which CircularEval, the paper's metric, is scored; 1: each row also
-# in every rotation of its options, for a TSV without the copies), FRESH (1: move answers already in
-# RESULTPATH aside and answer again; without it a rerun skips the questions already answered, and
-# answers made by another checkpoint or magnitude mode stop the run), MM_PROJECTOR (a projector file
+# in every rotation of its options, for a TSV without the copies), FRESH (1: move the row's answers
+# and results.json aside and answer again; without it a rerun skips the questions already answered, and
+# answers or a row made by another checkpoint or magnitude mode stop the run), MM_PROJECTOR (a projector file
 # to use instead of the checkpoint's), PYTHON (.venv/bin/python when present). One answers chunk
 # runs per visible GPU. Benchmarks whose data is absent are skipped.
 set -uo pipefail
@@ -62,32 +62,37 @@ GEN_ARGS=(--temperature 0 --conv-mode "$CONV_MODE" --batch-size "$BATCH_SIZE" --
 [ -n "${MM_PROJECTOR:-}" ] && GEN_ARGS+=(--mm-projector "$MM_PROJECTOR")
 
 failed=()
-SUMMARY=(--write "$RESULTPATH/$CKPT" --method "$CKPT")
+# The row (RESULTPATH/CKPT/results.json) holds one model's scores: the checkpoint's fingerprint (the one its
+# answers record) and, for DoRA, the magnitude mode. A row made by another model is refused before anything
+# is answered (FRESH=1 moves it aside instead).
+BASE_ARG=""
+[[ " ${MODEL_ARGS[*]} " == *" --model-base "* ]] && BASE_ARG=$MODEL_BASE
+CHECKPOINT_ID=$("$PYTHON" -c "import sys; from llava.checkpoint_kind import checkpoint_fingerprint as f
+print(f(*[a or None for a in sys.argv[1:]]))" "$CKPT_PATH" "$BASE_ARG" "${MM_PROJECTOR:-}") || exit 2
+SUMMARY=(--write "$RESULTPATH/$CKPT" --method "$CKPT" --checkpoint "$CHECKPOINT_ID"
+         --model-path "$(cd "$CKPT_PATH" 2>/dev/null && pwd || echo "$CKPT_PATH")")
+ROW_CHECK=(--check-row "$RESULTPATH/$CKPT" --checkpoint "$CHECKPOINT_ID")
+[ "${FRESH:-0}" = 1 ] && ROW_CHECK+=(--fresh)
 KIND=$("$PYTHON" -c "import sys; from llava.checkpoint_kind import adapter_kind; print(adapter_kind(sys.argv[1]) or 'model')" "$CKPT_PATH") || exit 2
 if [ "$KIND" = dora ]; then
-  # The row records the magnitude mode; a result folder already holding the other mode's answers is refused.
-  RECORDED=$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1])).get('dora_magnitudes') or '')" \
-    "$RESULTPATH/$CKPT/results.json" 2>/dev/null)
-  if [ -n "$RECORDED" ] && [ "$RECORDED" != "$DORA_MAGNITUDES" ]; then
-    echo "$RESULTPATH/$CKPT holds results with DORA_MAGNITUDES=$RECORDED; this run uses $DORA_MAGNITUDES." >&2
-    echo "Use another CKPT name (e.g. $CKPT-$DORA_MAGNITUDES) or another RESULTPATH, so the two modes stay apart." >&2
-    exit 2
-  fi
   SUMMARY+=(--dora-magnitudes "$DORA_MAGNITUDES")
+  ROW_CHECK+=(--dora-magnitudes "$DORA_MAGNITUDES")
   echo "== DoRA checkpoint, magnitudes: $DORA_MAGNITUDES"
 elif [ "$DORA_MAGNITUDES" != trained ]; then
   echo "== $CKPT_PATH is not a DoRA adapter: DORA_MAGNITUDES=$DORA_MAGNITUDES has no effect"
 fi
+"$PYTHON" -m llava.eval.summarize "${ROW_CHECK[@]}" || exit 2
 if [ -f "$CKPT_PATH/trainable_parameters.json" ]; then
   SUMMARY+=(--params-percent "$("$PYTHON" -c "import json,sys; print(json.load(open(sys.argv[1]))['percent'])" "$CKPT_PATH/trainable_parameters.json")")
 fi
+ROW_FIELDS=${#SUMMARY[@]}
 
 have() {  # have NAME PATH...: true when every input exists, else a line saying what is missing
   local name=$1 missing=()
   shift
   for path in "$@"; do [ -e "$path" ] || missing+=("$path"); done
   if [ ${#missing[@]} -gt 0 ]; then
-    echo "== $name: skipped, missing ${missing[*]} (see README.md, Evaluation Dataset)"
+    echo "== $name: skipped, missing ${missing[*]} (see README.md, Evaluation data)"
     return 1
   fi
   echo "== $name"
@@ -218,9 +223,13 @@ have TextVQA "$EVALPATH/textvqa/llava_textvqa_val_v051_ocr.jsonl" "$EVALPATH/tex
 have POPE "$EVALPATH/pope/llava_pope_test.jsonl" "$EVALPATH/pope/val2014" "$EVALPATH/pope/coco" && run POPE pope
 have MMBench "$EVALPATH/mmbench/mmbench_dev_20230712.tsv" && run MMBench mmbench
 
-"$PYTHON" -m llava.eval.summarize "${SUMMARY[@]}" || failed+=(results.json)
+# Only a run that produced a benchmark's result writes the row: a run refused for every benchmark
+# leaves no results.json that would then stand in the way.
+if [ ${#SUMMARY[@]} -gt "$ROW_FIELDS" ]; then
+  "$PYTHON" -m llava.eval.summarize "${SUMMARY[@]}" || failed+=(results.json)
+fi
 echo
-"$PYTHON" -m llava.eval.summarize "$RESULTPATH"
+compgen -G "$RESULTPATH/*/results.json" >/dev/null && "$PYTHON" -m llava.eval.summarize "$RESULTPATH"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "7B_eval_dora.sh: failed: ${failed[*]}" >&2
   exit 1

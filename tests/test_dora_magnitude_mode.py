@@ -142,9 +142,10 @@ def test_weights_load_straight_onto_the_device(checkpoint, monkeypatch):
     assert {p.device.type for p in model.parameters()} == {"cpu"}
 
 
-def run_eval(name: str, ckpt: Path, eval_dir: Path, results: Path, llava_dir: Path, magnitudes: str | None):
+def run_eval(name: str, ckpt: Path, eval_dir: Path, results: Path, llava_dir: Path, magnitudes: str | None,
+             **extra: str):
     env = {**os.environ, "MODEL_BASE": str(llava_dir), "CUDA_VISIBLE_DEVICES": "", "BATCH_SIZE": "16",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
     env.pop("DORA_MAGNITUDES", None)
     if magnitudes is not None:
         env["DORA_MAGNITUDES"] = magnitudes
@@ -205,9 +206,27 @@ def test_7b_eval_dora_sh_evaluates_both_modes_into_labelled_rows(checkpoint, tmp
     metrics = json.loads((results / "mmbench" / "dora-trained.metrics.json").read_text())
     assert metrics["circular_accuracy"] is not None and metrics["questions"] < len(asked)
 
+    row = results / "dora-trained" / "results.json"
+    kept = row.read_text()
     mixed = run_eval("dora-trained", seed_dir, eval_dir, results, llava_dir, "weight_norm")
     assert mixed.returncode == 2
     assert "DORA_MAGNITUDES=trained" in mixed.stderr and "another CKPT name" in mixed.stderr
+    # Another checkpoint into the row: refused before anything is answered; FRESH=1 starts the row over.
+    gqa_only = tmp_path / "gqa-only"
+    shutil.copytree(eval_dir, gqa_only, ignore=shutil.ignore_patterns("pope", "mmbench"))
+    other = run_eval("dora-trained", llava_dir, gqa_only, results, llava_dir, None)
+    assert other.returncode == 2 and f"holds the results of {seed_dir}" in other.stderr, other.stderr[-2000:]
+    assert row.read_text() == kept
+    fresh = run_eval("dora-trained", llava_dir, gqa_only, results, llava_dir, None, FRESH="1")
+    assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-3000:]
+    restarted = json.loads(row.read_text())
+    assert restarted["model_path"] == str(llava_dir) and restarted.get("dora_magnitudes") is None
+    assert [p.read_text() for p in row.parent.glob("results.replaced-*.json")] == [kept]
+    # A run refused for every benchmark (here by the answers, which another checkpoint made) writes no row.
+    row.unlink()
+    refused = run_eval("dora-trained", seed_dir, gqa_only, results, llava_dir, "weight_norm")
+    assert refused.returncode == 1 and "failed: GQA" in refused.stderr, refused.stderr[-2000:]
+    assert not row.exists()
 
 
 @pytest.mark.parametrize("bits", ["load_8bit", "load_4bit"])

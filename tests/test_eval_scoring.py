@@ -23,7 +23,16 @@ from llava.eval.eval_science_qa import FAILED, parse_option_letter
 from llava.eval.eval_textvqa import question_from_prompt
 from llava.eval.eval_vqa import vizwiz_score, vqa_accuracy, vqa_score
 from llava.eval.jsonl import InputFileError, check_answers, read_jsonl, write_json_atomic
-from llava.eval.summarize import load_results, metrics_fields, paper_score, render_table, write_results
+from llava.eval.summarize import (
+    check_row,
+    load_results,
+    metrics_fields,
+    paper_score,
+    record_score,
+    render_table,
+    results_file,
+    write_results,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -744,6 +753,55 @@ def test_dora_magnitudes_in_results_and_table(tmp_path):
     seed_like.write_text(json.dumps({"method": "DoRA", "dora_magnitudes": "norm", "benchmarks": {}}))
     with pytest.raises(InputFileError, match="dora_magnitudes"):
         load_results(seed_like)
+
+
+def test_a_row_holds_one_models_results(tmp_path):
+    """Results of another checkpoint or magnitude mode never merge into a row: refused on write, and before
+    an evaluation starts (--check-row), where --fresh moves the old results.json aside instead."""
+    row = tmp_path / "results" / "dora"
+    write_results(row, "dora", 14.77, {"gqa": {"score": 74.0}}, "trained", checkpoint="aaaa", model_path="/ck/dora")
+    write_results(row, benchmarks={"pope": {"score": 80.0}}, dora_magnitudes="trained", checkpoint="aaaa")
+    with pytest.raises(ValueError, match=r"holds the results of /ck/dora, not of the checkpoint evaluated now"):
+        write_results(row, "dora", 14.43, {"gqa": {"score": 72.3}}, checkpoint="bbbb", model_path="/ck/lora")
+    with pytest.raises(ValueError, match="holds results with DORA_MAGNITUDES=trained; this run uses weight_norm"):
+        write_results(row, benchmarks={"gqa": {"score": 72.7}}, dora_magnitudes="weight_norm", checkpoint="aaaa")
+    saved = load_results(row)
+    assert (saved["params_percent"], saved["checkpoint"], saved["model_path"]) == (14.77, "aaaa", "/ck/dora")
+    assert {k: v["score"] for k, v in saved["benchmarks"].items()} == {"gqa": 74.0, "pope": 80.0}
+
+    assert check_row(row, "aaaa", "trained") is None
+    refused = subprocess.run([sys.executable, "-m", "llava.eval.summarize", "--check-row", str(row), "--checkpoint",
+                              "bbbb"], cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode == 2 and "another CKPT name or RESULTPATH" in refused.stderr
+    with pytest.raises(ValueError, match="DORA_MAGNITUDES=trained"):
+        check_row(row, "aaaa", "weight_norm")
+    before = (row / "results.json").read_text()
+    moved = check_row(row, "bbbb", fresh=True)
+    assert not (row / "results.json").exists() and moved.read_text() == before  # kept, beside the row
+
+    # A row written before rows recorded their checkpoint is taken as this checkpoint's, and records it now.
+    legacy = tmp_path / "results" / "legacy"
+    write_results(legacy, "legacy", None, {"gqa": {"score": 60.0}})
+    assert check_row(legacy, "cccc") is None
+    assert load_results(write_results(legacy, checkpoint="cccc"))["checkpoint"] == "cccc"
+
+
+def test_record_goes_into_an_existing_row_and_takes_percentages(tmp_path):
+    results = tmp_path / "results"
+    write_results(results / "dora", "dora", 4.63, {"gqa": {"score": 62.9}})
+    for wrong, message in ((results / "DoRa", r"DoRa/results\.json does not exist.*--write"),
+                           (results, r"It holds the rows dora: give RESULTPATH/CKPT")):
+        with pytest.raises(ValueError, match=message):
+            record_score(wrong, "vqav2", 78.6)
+        assert not results_file(wrong).exists()
+    for score in (786.0, -1.0):
+        with pytest.raises(ValueError, match="outside 0-100"):
+            record_score(results / "dora", "vqav2", score)
+    refused = subprocess.run([sys.executable, "-m", "llava.eval.summarize", "--record", str(results), "vqav2", "78.6"],
+                             cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode != 0 and "give RESULTPATH/CKPT" in refused.stderr
+    record_score(results / "dora", "vqav2", 78.6)
+    assert load_results(results / "dora")["benchmarks"]["vqav2"]["score"] == 78.6
 
 
 def test_scorer_cli_reports_bad_jsonl_with_file_and_line(tmp_path):

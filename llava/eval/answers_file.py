@@ -104,7 +104,7 @@ def check_run_settings(answered: dict[AnswerKey, list[dict[str, Any]]], run_info
 
 
 def move_aside(path: Path) -> Path | None:
-    """Rename an existing answers file out of the way (kept, never deleted); returns its new name."""
+    """Rename an existing answers (or results) file out of the way (kept, never deleted); returns its new name."""
     if not path.exists():
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -114,7 +114,7 @@ def move_aside(path: Path) -> Path | None:
         number += 1
         target = path.with_name(f"{path.stem}.replaced-{stamp}-{number}{path.suffix}")
     path.rename(target)
-    logger.warning("--fresh: moved the existing answers %s aside to %s", path, target.name)
+    logger.warning("--fresh: moved the existing %s aside to %s", path, target.name)
     return target
 
 

@@ -9,7 +9,6 @@ turns the questions into ``Request``s once the model (and so its template and co
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import math
 import os
@@ -20,6 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from llava.checkpoint_kind import checkpoint_fingerprint
 from llava.conversation import conv_templates
 from llava.eval import answers_file
 from llava.eval import generation as gen
@@ -134,42 +134,6 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
     return getattr(torch, name)
-
-
-def _file_digest(path: Path, digest: Any) -> None:
-    """Feed a file's name, size and content into ``digest``: all of a small file, the ends of a large one."""
-    size = path.stat().st_size
-    digest.update(f"{path.name}\0{size}\0".encode())
-    with path.open("rb") as f:
-        if size <= 2 * _SAMPLE:
-            digest.update(f.read())
-            return
-        digest.update(f.read(_SAMPLE))
-        f.seek(size - _SAMPLE)
-        digest.update(f.read())
-
-
-_SAMPLE = 1 << 20
-
-
-def checkpoint_fingerprint(*sources: str | None) -> str:
-    """What identifies the model that answers: the files of each local folder or file (a retrained or
-    other checkpoint differs in them), or the name of a hub model. Cheap even for 7B weights."""
-    digest = hashlib.sha256()
-    for source in sources:
-        if source is None:
-            digest.update(b"-")
-            continue
-        path = Path(source).expanduser()
-        if path.is_dir():
-            for file in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
-                _file_digest(file, digest)
-        elif path.is_file():
-            _file_digest(path, digest)
-        else:
-            digest.update(f"hub:{source}".encode())
-        digest.update(b"\n")
-    return digest.hexdigest()[:16]
 
 
 @dataclass

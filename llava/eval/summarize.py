@@ -4,15 +4,21 @@
     python -m llava.eval.summarize --record RESULTPATH/ckpt vqav2 78.6 [--source server|recorded]
     python -m llava.eval.summarize --write RESULTPATH/ckpt --method DoRA --params-percent 4.63 \
         --dora-magnitudes trained --metrics pope=pope.json --metrics sqa=sqa.json --score gqa=62.9 \
-        --upload vqav2=upload.json
+        --upload vqav2=upload.json --checkpoint ID --model-path CKPT_PATH
+    python -m llava.eval.summarize --check-row RESULTPATH/ckpt --checkpoint ID --model-path CKPT_PATH \
+        [--dora-magnitudes trained] [--fresh]
 
 A RESULTPATH is a results.json file, a folder holding one, or a folder whose sub-folders (one per
 checkpoint) hold one; each results.json is one row. ``--write`` (what the eval script calls, also
 ``write_results``) merges into a folder's results.json: ``--metrics BENCH=FILE`` takes the paper's
 figure from a scorer's ``--metrics-json`` file, ``--score BENCH=X`` a figure computed elsewhere,
 ``--upload BENCH=FILE`` the file to submit to an evaluation server, ``--dora-magnitudes`` how a DoRA
-checkpoint's magnitudes were loaded. ``--record`` stores the score a server returned. Every write
-is atomic.
+checkpoint's magnitudes were loaded, ``--checkpoint`` / ``--model-path`` which checkpoint made the row
+(the fingerprint its answers record). A row holds one model's scores: writing another checkpoint's or
+another magnitude mode's results into it is refused, and ``--check-row`` (what the eval script runs
+before answering anything) refuses the same early, or with ``--fresh`` moves the old results.json
+aside. ``--record`` stores the score a server returned in a row an evaluation made. Every write is
+atomic.
 
 results.json::
 
@@ -20,6 +26,8 @@ results.json::
       "method": "DoRA",                 # the row's name (default: the folder's name)
       "params_percent": 4.63,           # trainable parameters, % of the model; null if unknown
       "dora_magnitudes": "trained",     # DoRA only: "trained" | "weight_norm"; null (or absent) otherwise
+      "checkpoint": "3f2a...",          # the evaluated checkpoint's fingerprint; absent in older files
+      "model_path": "/abs/path/ckpt",   # the evaluated checkpoint's folder; absent in older files
       "benchmarks": {                   # any of: vqav2 gqa vizwiz sqa textvqa pope mmbench
         "gqa":   {"score": 62.9, "source": "local",  "upload": null},
         "vqav2": {"score": null, "source": "server", "upload": "/abs/path/answers_upload/....json"},
@@ -54,6 +62,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from llava.eval.answers_file import move_aside
 from llava.eval.jsonl import InputFileError, read_json, write_json_atomic
 
 # (key, column title); the table's column order.
@@ -168,6 +177,42 @@ def load_results(path: str | Path) -> dict[str, Any]:
             **{k: v for k, v in data.items() if k not in known}}
 
 
+def row_conflict(path: Path, data: Mapping[str, Any], checkpoint: str | None, dora_magnitudes: str | None) -> str | None:
+    """Why ``data`` (a row's results.json) cannot take results of ``checkpoint`` in ``dora_magnitudes``, or None.
+
+    A row without a recorded fingerprint (written before rows recorded one) is taken as this checkpoint's.
+    """
+    recorded = data.get("checkpoint")
+    if checkpoint is not None and recorded is not None and recorded != checkpoint:
+        made_by = data.get("model_path") or "another checkpoint"
+        return (f"{path} holds the results of {made_by}, not of the checkpoint evaluated now (its files differ)")
+    mode = data.get("dora_magnitudes")
+    if dora_magnitudes is not None and mode is not None and mode != dora_magnitudes:
+        return f"{path} holds results with DORA_MAGNITUDES={mode}; this run uses {dora_magnitudes}"
+    return None
+
+
+ROW_HINT = ("Use another CKPT name or RESULTPATH, so that each row holds one model's scores, or FRESH=1 "
+            "(summarize --fresh) to move the old results aside and start the row over.")
+
+
+def check_row(path: str | Path, checkpoint: str | None, dora_magnitudes: str | None = None,
+              fresh: bool = False) -> Path | None:
+    """Before an evaluation answers anything: refuse a row made by another model (``ValueError``).
+
+    With ``fresh`` an existing results.json is moved aside instead (kept, never deleted); returns its new name.
+    """
+    target = results_file(path)
+    if not target.exists():
+        return None
+    if fresh:
+        return move_aside(target)
+    conflict = row_conflict(target, load_results(target), checkpoint, dora_magnitudes)
+    if conflict:
+        raise ValueError(f"{conflict}. {ROW_HINT}")
+    return None
+
+
 def _merge_entry(benchmarks: dict[str, dict[str, Any]], key: str, fields: Mapping[str, Any]) -> None:
     """Merge one benchmark's fields; a single-round MMBench figure replaces a local score, never a server's."""
     unknown = set(fields) - set(ENTRY_FIELDS)
@@ -183,6 +228,11 @@ def _merge_entry(benchmarks: dict[str, dict[str, Any]], key: str, fields: Mappin
     entry = benchmarks.setdefault(key, {"score": None, "source": default_source, "upload": None})
     if "single_round_accuracy" in fields and "score" not in fields and entry.get("source") == "local":
         entry["score"] = None  # an earlier local MMBench figure; this run has no CircularEval one
+    for field, upper in (("score", 100.0), ("single_round_accuracy", 100.0), ("yes_ratio", 1.0)):
+        value = fields.get(field)
+        if value is not None and not 0.0 <= float(value) <= upper:
+            raise ValueError(f"{key} {field} {value} is outside 0-{upper:g}" +
+                             (" (scores are percentages, e.g. 78.6)" if upper == 100.0 else ""))
     entry.update(fields)
     for field in NUMBER_FIELDS:
         if entry.get(field) is not None:
@@ -191,22 +241,32 @@ def _merge_entry(benchmarks: dict[str, dict[str, Any]], key: str, fields: Mappin
 
 def write_results(path: str | Path, method: str | None = None, params_percent: float | None = None,
                   benchmarks: Mapping[str, Mapping[str, Any]] | None = None,
-                  dora_magnitudes: str | None = None) -> Path:
+                  dora_magnitudes: str | None = None, checkpoint: str | None = None,
+                  model_path: str | None = None) -> Path:
     """Merge into ``path``'s results.json (created if absent): only the fields given change.
 
-    ``dora_magnitudes`` ("trained" | "weight_norm") says how a DoRA checkpoint's magnitudes were loaded.
+    ``dora_magnitudes`` ("trained" | "weight_norm") says how a DoRA checkpoint's magnitudes were loaded;
+    ``checkpoint`` (a fingerprint) and ``model_path`` which checkpoint made the results. Results of another
+    checkpoint or magnitude mode than the row already holds are refused (``ValueError``).
     """
     if dora_magnitudes is not None and dora_magnitudes not in DORA_MAGNITUDES:
         raise ValueError(f"dora_magnitudes must be one of {', '.join(DORA_MAGNITUDES)}, not {dora_magnitudes!r}")
     target = results_file(path)
     data = load_results(target) if target.exists() else {
         "method": target.parent.name, "params_percent": None, "dora_magnitudes": None, "benchmarks": {}}
+    conflict = row_conflict(target, data, checkpoint, dora_magnitudes)
+    if conflict:
+        raise ValueError(f"{conflict}: not written. {ROW_HINT}")
     if method is not None:
         data["method"] = method
     if params_percent is not None:
         data["params_percent"] = float(params_percent)
     if dora_magnitudes is not None:
         data["dora_magnitudes"] = dora_magnitudes
+    if checkpoint is not None:
+        data["checkpoint"] = checkpoint
+    if model_path is not None:
+        data["model_path"] = model_path
     for name, fields in (benchmarks or {}).items():
         _merge_entry(data["benchmarks"], benchmark_key(name), fields)
     data["benchmarks"] = {k: data["benchmarks"][k] for k, _ in BENCHMARKS if k in data["benchmarks"]}
@@ -215,7 +275,18 @@ def write_results(path: str | Path, method: str | None = None, params_percent: f
 
 
 def record_score(path: str | Path, benchmark: str, score: float, source: str = "server") -> Path:
-    """Store a score returned by an evaluation server (or copied from elsewhere: source="recorded")."""
+    """Store a score returned by an evaluation server (or copied from elsewhere: source="recorded").
+
+    Only into an existing row, so that a mistyped folder cannot add a row (or, at RESULTPATH itself, a
+    results.json that would hide every checkpoint's row below it).
+    """
+    target = results_file(path)
+    if not target.is_file():
+        rows = sorted(p.parent.name for p in Path(path).glob(f"*/{RESULTS_NAME}")) if Path(path).is_dir() else []
+        hint = (f" It holds the rows {', '.join(rows)}: give RESULTPATH/CKPT." if rows else
+                " Give RESULTPATH/CKPT of an evaluated checkpoint, or start a row by hand with "
+                f"--write {path} --method NAME.")
+        raise ValueError(f"{target} does not exist, so there is no row to record into.{hint}")
     return write_results(path, benchmarks={benchmark: {"score": score, "source": source}})
 
 
@@ -347,7 +418,8 @@ def _write_from_args(args: argparse.Namespace) -> Path:
         benchmarks.setdefault(key, {}).update(score=float(value), source="local")
     for key, file in _pairs(args.upload, "--upload"):
         benchmarks.setdefault(key, {})["upload"] = file
-    return write_results(args.write, args.method, args.params_percent, benchmarks, args.dora_magnitudes)
+    return write_results(args.write, args.method, args.params_percent, benchmarks, args.dora_magnitudes,
+                         args.checkpoint, args.model_path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -364,9 +436,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", action="append", metavar="BENCH=FILE", help="with --write: a scorer's JSON")
     parser.add_argument("--score", action="append", metavar="BENCH=X", help="with --write: a local score")
     parser.add_argument("--upload", action="append", metavar="BENCH=FILE", help="with --write: a file to submit")
+    parser.add_argument("--checkpoint", help="with --write / --check-row: the evaluated checkpoint's fingerprint")
+    parser.add_argument("--model-path", help="with --write: the evaluated checkpoint's folder")
+    parser.add_argument("--check-row", metavar="DIR",
+                        help="refuse (exit 2) if DIR/results.json holds another checkpoint's or mode's results")
+    parser.add_argument("--fresh", action="store_true", help="with --check-row: move DIR/results.json aside instead")
     args = parser.parse_args(argv)
-    if not (args.paths or args.record or args.write):
-        parser.error("give RESULTPATHs to print, --record or --write")
+    if not (args.paths or args.record or args.write or args.check_row):
+        parser.error("give RESULTPATHs to print, --record, --write or --check-row")
+    if args.check_row:
+        try:
+            check_row(args.check_row, args.checkpoint, args.dora_magnitudes, args.fresh)
+        except (InputFileError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
     try:
         if args.record:
             directory, benchmark, score = args.record
