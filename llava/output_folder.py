@@ -1,4 +1,4 @@
-"""Folders that a script replaces whole (merged and converted models): refused when that would lose data."""
+"""Output folders: replaced whole only when that loses nothing, and readable as the user's umask says."""
 
 from __future__ import annotations
 
@@ -33,3 +33,23 @@ def replace_folder(tmp: Path, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+
+
+def umask_file_mode() -> int:
+    """The mode a new file gets from ``open()`` under the process's umask (0o644 under umask 022)."""
+    current = os.umask(0o077)  # reading the umask means setting it: set a strict one for the instant
+    os.umask(current)
+    return 0o666 & ~current
+
+
+def open_safetensors_modes(folder: str | Path) -> None:
+    """Give the ``.safetensors`` files in ``folder`` the mode every other file there got.
+
+    safetensors 0.8 writes through a temporary file created 0o600 whatever the umask (safetensors issue
+    782), so a checkpoint's weights, unlike its config, would be unreadable to the rest of a team. Only
+    files still at 0o600 change, so a mode set on purpose stays.
+    """
+    mode = umask_file_mode()
+    for path in Path(folder).glob("*.safetensors"):
+        if path.is_file() and path.stat().st_mode & 0o777 == 0o600 and mode != 0o600:
+            path.chmod(mode)

@@ -36,7 +36,11 @@ import torch
 from llava.mm_utils import get_model_name_from_path
 from llava.model import LlavaConfig
 from llava.model.builder import load_pretrained_model
-from llava.output_folder import check_output_folder, replace_folder
+from llava.output_folder import (
+    check_output_folder,
+    open_safetensors_modes,
+    replace_folder,
+)
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -255,6 +259,7 @@ def convert(model_path: str, out_dir: Path, model_base: str | None = None, dtype
     shutil.rmtree(tmp, ignore_errors=True)
     write_hf_model(state, cfg, generation_config, tmp)
     build_processor(tokenizer, image_processor, model.config, cfg).save_pretrained(tmp)
+    open_safetensors_modes(tmp)
     replace_folder(tmp, out_dir)
 
     print(f"Wrote transformers LlavaForConditionalGeneration ({out_dtype}) to {out_dir}:")

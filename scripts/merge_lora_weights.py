@@ -19,7 +19,11 @@ from transformers import PretrainedConfig
 
 from llava.mm_utils import get_model_name_from_path
 from llava.model.builder import load_pretrained_model
-from llava.output_folder import check_output_folder, replace_folder
+from llava.output_folder import (
+    check_output_folder,
+    open_safetensors_modes,
+    replace_folder,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -67,6 +71,7 @@ def merge_lora(model_path: str, model_base: str, save_model_path: Path, dtype: s
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    open_safetensors_modes(tmp)
     replace_folder(tmp, out)
     print(f"Merged {model_path} into {model_base}; saved the full model ({out_dtype}) to {out}")
 

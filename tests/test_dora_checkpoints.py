@@ -8,6 +8,7 @@ by W = m / ||W0 + sBA|| * (W0 + sBA), computed in float64.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -258,6 +259,9 @@ def test_converter_output_loads_in_vanilla_peft(tmp_path, capsys):
         assert torch.equal(tensor, projector(seed_dir)[key])
     assert (out_dir / "config.json").read_text() == (seed_dir / "config.json").read_text()
     assert not list(out_dir.glob(".*"))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in out_dir.iterdir()} == {0o666 & ~umask}  # not safetensors' 0o600
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Unexpected keyword arguments")

@@ -8,6 +8,7 @@ adapter logits from the unmerged PEFT model, and exported logits from transforme
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -447,6 +448,9 @@ def test_scripts_never_delete_a_folder_they_were_not_told_to_replace(script, tin
     (old / "stale.txt").write_text("an earlier export")
     assert run(old, "--overwrite").returncode == 0
     assert not (old / "stale.txt").exists() and (old / "config.json").is_file()
+    # Weights as readable as the config beside them (safetensors alone would write them 0o600).
+    modes = {path.name: path.stat().st_mode & 0o777 for path in old.iterdir() if path.is_file()}
+    assert {mode for name, mode in modes.items() if name.endswith(".safetensors")} == {modes["config.json"]}, modes
 
 
 @torch.no_grad()
@@ -459,3 +463,23 @@ def test_exported_dora_run_gives_the_unmerged_logits(tiny, dora_checkpoint, tmp_
     want = llava_logits(dora_checkpoint.model, batch)
     real = spliced_mask(tiny.model, batch)
     torch.testing.assert_close(hf_logits(hf, batch)[..., : want.shape[-1]][real], want[real], rtol=0, atol=1e-4)
+
+
+def test_safetensors_files_get_the_umask_mode_and_chosen_modes_stay(tmp_path):
+    from safetensors.torch import save_file
+
+    from llava.output_folder import open_safetensors_modes
+
+    umask = os.umask(0o027)
+    try:
+        save_file({"w": torch.zeros(2)}, str(tmp_path / "written.safetensors"))
+        assert (tmp_path / "written.safetensors").stat().st_mode & 0o777 == 0o600  # safetensors' own mode
+        (tmp_path / "config.json").write_text("{}")
+        (tmp_path / "kept.safetensors").write_bytes(b"")
+        (tmp_path / "kept.safetensors").chmod(0o400)
+        open_safetensors_modes(tmp_path)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "written.safetensors").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "kept.safetensors").stat().st_mode & 0o777 == 0o400

@@ -22,6 +22,7 @@ from transformers.trainer_pt_utils import get_parameter_names
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from llava.model.llava_arch import labels_within_length
+from llava.output_folder import open_safetensors_modes
 from llava.train.checkpoints import CheckpointError, checkpoint_problem, layout_of
 
 logger = logging.getLogger(__name__)
@@ -302,6 +303,8 @@ class LLaVATrainer(Trainer):
             )
         if not stage1:
             super()._save(output_dir, state_dict=state_dict)
+            if self.args.should_save:
+                open_safetensors_modes(output_dir)
         if projector is None or not self.args.should_save:
             return
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -311,6 +314,7 @@ class LLaVATrainer(Trainer):
             _atomic_torch_save(projector, Path(output_dir) / STAGE1_PROJECTOR)
         else:
             _atomic_safetensors_save(projector, Path(output_dir) / NON_LORA_TRAINABLES)
+            open_safetensors_modes(output_dir)
         logger.info("Saved config.json and %d projector tensors to %s", len(projector), output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:

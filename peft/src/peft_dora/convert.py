@@ -118,10 +118,17 @@ def _shapes_from_adapter(folder: AdapterFolder) -> dict[str, tuple[int, int]]:
 
 
 def _write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, so ``path`` is either old or complete."""
+    """Write through a temporary file in the same folder, so ``path`` is either old or complete.
+
+    The file gets the mode the umask gives a new file: safetensors 0.8 creates its files 0o600 whatever
+    the umask, which would leave the converted weights unreadable to the rest of a team.
+    """
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
+        umask = os.umask(0o077)  # reading the umask means setting it: a strict one for the instant
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
