@@ -18,7 +18,7 @@ installed; transformers picks its torchvision image processor by default then). 
   gets the highest logit;
 - ``<image>`` stands for one image *token per patch* (the processor expands it), where ours uses a single
   IMAGE_TOKEN_INDEX (-200) that the model replaces by all the patch features;
-- the processor's chat template writes the image tag as "<image> \n" so that it yields exactly the trained
+- the processor's chat template writes the image tag as "<image> \\n" so that it yields exactly the trained
   token ids (see VICUNA_V1_CHAT_TEMPLATE);
 - nothing truncates to ``tokenizer_model_max_length`` after the image is expanded, and the
   ``image_aspect_ratio`` "pad" preprocessing becomes the image processor's ``do_pad``.

@@ -813,3 +813,13 @@ def test_scorer_cli_reports_bad_jsonl_with_file_and_line(tmp_path):
                                cwd=REPO, capture_output=True, text=True)
     assert completed.returncode != 0
     assert f"{answers}:2: not valid JSON" in completed.stderr
+
+
+def test_rows_of_several_resultpaths_that_read_alike_name_their_folder(tmp_path):
+    for seed, score in (("seed0", 74.0), ("seed1", 69.0)):
+        write_results(tmp_path / seed / "FT", "FT", 94.1, {"gqa": {"score": score}})
+    write_results(tmp_path / "seed1" / "LoRA", "LoRA", 14.43, {"gqa": {"score": 81.0}})
+    table = run("-m", "llava.eval.summarize", str(tmp_path / "seed0"), str(tmp_path / "seed1")).stdout.splitlines()
+    assert [line.split(" | ")[:3] for line in table[2:5]] == [
+        [f"| FT [{tmp_path / 'seed0'}]", "94.1", "-"], [f"| FT [{tmp_path / 'seed1'}]", "94.1", "-"], ["| LoRA", "14.43", "-"]]
+    assert [line.split(" | ")[3] for line in table[2:5]] == ["74.0", "69.0", "81.0"]

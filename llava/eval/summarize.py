@@ -400,6 +400,13 @@ def render_table(rows: Sequence[Mapping[str, Any]], folders: Sequence[str] | Non
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
+def label_by_source(rows: list[dict[str, Any]], sources: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows whose Method cells would read alike get the RESULTPATH they came from added to their name."""
+    cells = [method_cell(row) for row in rows]
+    return [{**row, "method": f"{row['method']} [{source}]"} if cells.count(cell) > 1 else row
+            for row, cell, source in zip(rows, cells, sources)]
+
+
 def _pairs(values: list[str] | None, what: str) -> list[tuple[str, str]]:
     pairs = []
     for value in values or []:
@@ -458,8 +465,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.write:
             _write_from_args(args)
         if args.paths:
-            files = find_results(args.paths)
-            print(render_table([load_results(path) for path in files], [str(path.parent) for path in files]))
+            files = [(given, file) for given in args.paths for file in find_results([given])]
+            rows = [load_results(file) for _, file in files]
+            print(render_table(label_by_source(rows, [given for given, _ in files]), [str(f.parent) for _, f in files]))
     except (InputFileError, ValueError) as error:
         sys.exit(f"error: {error}")
 
