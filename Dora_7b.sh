@@ -53,20 +53,25 @@ need() {  # need PATH WHAT WHERE
     missing=1
   fi
 }
-hub_or_local() {  # hub_or_local VALUE WHAT
+SETUP="README.md, 'Reproducing the paper' > 'Setup and downloads'"
+# A hub id is exactly org/name; anything else (no slash, two or more, a leading . / ~) is a local path,
+# which must exist: transformers would take it for a hub id and fail only after loading the language model.
+hub_or_local() {  # hub_or_local VALUE WHAT VARIABLE EXAMPLE
+  [ -e "$1" ] && return
   case "$1" in
-    ./*|/*|../*) need "$1" "$2" "a local folder was named; see README.md (Data, Weights)";;
-    *) [ -e "$1" ] || echo "note: $2 '$1' is not a local folder: it will be loaded from the Hugging Face hub (cache)";;
+    .*|/*|'~'*|*/*/*) ;;
+    ?*/?*) echo "note: $2 '$1' is not a local folder: it will be loaded from the Hugging Face hub (cache)"; return;;
   esac
+  need "$1" "$2" "a local path (read from the repository root; a hub id is exactly org/name): fix it, or set $3 to a hub id such as $4"
 }
 need "$DATA_PATH" "the instruction-tuning annotations" \
-  "download llava_v1_5_mix665k.json (README.md, 'Finetuning Dataset') or set DATA_PATH"
-need "$IMAGE_FOLDER" "the image folder" "create ./playground/data with coco, gqa, ocr_vqa, textvqa, vg (README.md) or set IMAGE_FOLDER"
+  "download llava_v1_5_mix665k.json ($SETUP) or set DATA_PATH"
+need "$IMAGE_FOLDER" "the image folder" "create ./playground/data with coco, gqa, ocr_vqa, textvqa, vg ($SETUP) or set IMAGE_FOLDER"
 need "$PRETRAIN_MM" "the pretrained projector" \
-  "download mm_projector.bin of liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5 into ./checkpoints/ or set PRETRAIN_MM"
+  "download mm_projector.bin of liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5 into ./checkpoints/ ($SETUP) or set PRETRAIN_MM"
 [ "$LAUNCHER" = "deepspeed" ] && need "$DS_CONFIG" "the DeepSpeed config" "use one of scripts/zero2.json, zero3.json, zero3_offload.json"
-hub_or_local "$MODEL_BASE" "the base language model"
-hub_or_local "$VISION_TOWER" "the vision tower"
+hub_or_local "$MODEL_BASE" "the base language model" MODEL_BASE lmsys/vicuna-7b-v1.5
+hub_or_local "$VISION_TOWER" "the vision tower" VISION_TOWER openai/clip-vit-large-patch14-336
 if [ "$missing" = 1 ]; then
   echo "Dora_7b.sh: inputs are missing (above); nothing was launched." >&2
   exit 2

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from llava.eval.eval_mmbench import mmbench_accuracy
 from llava.model import LlavaLlamaForCausalLM
-from llava.model.builder import load_pretrained_model
+from llava.model.builder import check_model_location, is_hub_id, load_pretrained_model
 from llava.tiny_base import build_tiny_llava
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +91,49 @@ def test_folder_without_config_json_is_refused(lora_run, tiny_base, tmp_path, mo
     never_built(monkeypatch)
     with pytest.raises(FileNotFoundError, match=rf"{folder}: no config\.json"):
         load_pretrained_model(str(folder), str(tiny_base.language_model), device="cpu")
+
+
+def test_hub_ids_are_exactly_org_slash_name():
+    assert is_hub_id("lmsys/vicuna-7b-v1.5")
+    for path in ("checkpoints/demo/nope", "./org/name", "../name", "/abs/name", "~/name", ".org/name", "vicuna",
+                 "org/", "/name", "org//name"):
+        assert not is_hub_id(path), path
+    check_model_location("not-cached-org/not-cached-model", "--model-base")  # left to transformers' own error
+
+
+@pytest.mark.parametrize("missing", ["model_path", "model_base", "model_path_with_base"])
+def test_a_mistyped_checkpoint_path_is_named_as_a_missing_folder(missing, lora_run, tiny_base, tmp_path, monkeypatch):
+    """A relative path with two or more slashes cannot be a hub id: before, transformers took it for one
+    ("Repo id must be in the form ...") or the folder checks blamed its missing files."""
+    shutil.copytree(lora_run, tmp_path / "checkpoints" / "demo" / "dora")
+    shutil.copytree(tiny_base.language_model, tmp_path / "checkpoints" / "base" / "vicuna")
+    monkeypatch.chdir(tmp_path)
+    never_built(monkeypatch)
+    model_path, model_base, flag = {
+        "model_path": ("checkpoints/demo/nope", None, "--model-path"),
+        "model_base": ("checkpoints/demo/dora", "checkpoints/base/vicunaX", "--model-base"),
+        "model_path_with_base": ("checkpoints/demo/dorra", "checkpoints/base/vicuna", "--model-path"),
+    }[missing]
+    typo = model_base if missing == "model_base" else model_path
+    with pytest.raises(FileNotFoundError, match=rf"^{typo}: no such folder \({flag}\)\. Check the path"):
+        load_pretrained_model(model_path, model_base, device="cpu")
+
+
+def test_a_projector_only_folder_without_a_base_is_refused(lora_run, tiny_base, tmp_path, monkeypatch):
+    """Without --model-base such a folder failed on its missing tokenizer ("Couldn't instantiate the backend
+    tokenizer ... sentencepiece or tiktoken"), which never said what was missing."""
+    folder = tmp_path / "projector_only"
+    folder.mkdir()
+    shutil.copy(lora_run / "config.json", folder / "config.json")
+    shutil.copy(tiny_base.projector, folder / "mm_projector.bin")
+    with monkeypatch.context() as patch:
+        never_built(patch)
+        with pytest.raises(ValueError, match=rf"{folder} holds only a projector .* no --model-base was given: pass the "
+                                             "language model it was trained on"):
+            load_pretrained_model(str(folder), None, device="cpu")
+    _, model, _, _ = load_pretrained_model(str(folder), str(tiny_base.language_model), device="cpu")
+    want = torch.load(tiny_base.projector, weights_only=True)
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in want.items())
 
 
 def eval_script(*args: str, **env: str) -> subprocess.CompletedProcess:

@@ -137,8 +137,65 @@ def test_images_open_from_files_and_unreachable_urls_fail_clearly(tmp_path):
         chat_lib.open_image("http://127.0.0.1:9/x.jpg", timeout=2)
 
 
+def test_a_folder_or_a_non_image_file_is_refused_in_one_line(tmp_path):
+    """Before, a folder was "not found" and a text file crashed with PIL's UnidentifiedImageError."""
+    from llava.serve import cli as serve_cli
+
+    text = tmp_path / "notes.md"
+    text.write_text("# not an image\n")
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path))} is a folder, not an image file"):
+        chat_lib.open_image(str(tmp_path))
+    with pytest.raises(ValueError, match=f"{re.escape(str(text))} is not an image PIL can read"):
+        chat_lib.open_image(str(text))
+    with pytest.raises(SystemExit, match=f"^llava.serve.cli: {re.escape(str(tmp_path))} is a folder, not an image"):
+        serve_cli.main(["--model-path", str(tmp_path), "--image-file", str(tmp_path)])
+    done = subprocess.run([sys.executable, "-m", "llava.serve.cli", "--model-path", str(tmp_path), "--image-file",
+                           str(text)], capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert last_line == f"llava.serve.cli: {text} is not an image PIL can read: name a JPEG, PNG or other image file."
+
+
+def test_a_device_the_machine_lacks_is_refused_before_loading(tmp_path, monkeypatch):
+    """``--device cuda`` without CUDA failed inside torch ("Torch not compiled with CUDA enabled")."""
+    from llava.serve import cli as serve_cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    image = noise_image(tmp_path / "a.png")
+    with pytest.raises(SystemExit, match=r"^llava.serve.cli: --device cuda: this machine has no CUDA device"):
+        serve_cli.main(["--model-path", str(tmp_path / "nope"), "--image-file", str(image), "--device", "cuda"])
+    with pytest.raises(SystemExit, match=r"^llava.serve.cli: --device gpu: not a device torch knows"):
+        serve_cli.main(["--model-path", str(tmp_path / "nope"), "--image-file", str(image), "--device", "gpu"])
+    chat_lib.check_device("cpu")
+    chat_lib.check_device(None)
+
+
+def test_a_missing_checkpoint_or_base_is_named_before_loading(model_dir, tmp_path, monkeypatch):
+    """A mistyped relative path reached transformers as a hub id ("Repo id must be in the form ..."); a
+    projector-only folder without --model-base failed on its missing tokenizer."""
+    from llava.serve import cli as serve_cli
+
+    image = noise_image(tmp_path / "a.png")
+    projector_only = tmp_path / "checkpoints" / "demo" / "projector"
+    projector_only.mkdir(parents=True)
+    (projector_only / "config.json").write_text((model_dir / "config.json").read_text())
+    (projector_only / "mm_projector.bin").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(chat_lib, "load_chat_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    cases = [
+        (["--model-path", "checkpoints/demo/nope"], r"checkpoints/demo/nope: no such folder \(--model-path\)"),
+        (["--model-path", "checkpoints/demo/projector", "--model-base", "checkpoints/base/vicuna-tinyX"],
+         r"checkpoints/base/vicuna-tinyX: no such folder \(--model-base\)"),
+        (["--model-path", "checkpoints/demo/projector"],
+         "checkpoints/demo/projector holds only a projector .* no --model-base was given"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(SystemExit, match=f"^llava.serve.cli: {message}"):
+            serve_cli.main([*flags, "--image-file", str(image), "--device", "cpu"])
+
+
 def write_eval_folder(root: Path) -> Path:
-    """Two benchmarks in their official layout (FORMATS.md), one question without its image."""
+    """Two benchmarks in their official layout (README.md, "Evaluation data"), one question without its image."""
     (root / "vqav2" / "test2015").mkdir(parents=True)
     noise_image(root / "vqav2" / "test2015" / "COCO_test2015_000000000001.jpg")
     lines = [{"question_id": 1000, "image": "COCO_test2015_000000000001.jpg",

@@ -210,6 +210,65 @@ def test_labels_tell_every_checkpoint_apart():
         labels_for(["a", "b"], ["same", "same"])
 
 
+def fake_full_model(folder: Path) -> Path:
+    """A folder the checks take for a full model (config.json, weights); never loaded in these tests."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
+@pytest.fixture
+def web_without_loading(monkeypatch):
+    """``llava.serve.web`` whose model loading fails the test: every refusal must come before it."""
+    from llava.serve import chat as chat_lib
+    from llava.serve import web
+
+    monkeypatch.setattr(chat_lib, "load_chat_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    return web
+
+
+def test_every_path_is_checked_before_any_model_loads(web_without_loading, tmp_path, monkeypatch):
+    """A typo in the last --model-path (or in --model-base) used to surface only after the earlier
+    checkpoints had loaded, as transformers' "Repo id must be in the form ..."."""
+    fake_full_model(tmp_path / "checkpoints" / "demo" / "ft")
+    fake_full_model(tmp_path / "checkpoints" / "base" / "vicuna")
+    monkeypatch.chdir(tmp_path)
+    port = ["--port", str(free_port()), "--device", "cpu"]
+    cases = [
+        (["checkpoints/demo/ft", "checkpoints/demo/dorra", "--model-base", "checkpoints/base/vicuna"],
+         r"checkpoints/demo/dorra: no such folder \(--model-path\)"),
+        (["checkpoints/demo/ft", "--model-base", "checkpoints/base/vicunaX"],
+         r"checkpoints/base/vicunaX: no such folder \(--model-base\)"),
+        (["checkpoints/demo/ft", "--examples", "playground/nowhere"],
+         r"--examples playground/nowhere: no such folder .*README\.md, 'Evaluation data'"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(SystemExit, match=f"^llava.serve.web: {message}"):
+            web_without_loading.main(["--model-path", *flags, *port])
+
+
+def test_a_device_the_machine_lacks_is_refused_before_loading(web_without_loading, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ft = fake_full_model(tmp_path / "ft")
+    with pytest.raises(SystemExit, match=r"^llava.serve.web: --device cuda:1: this machine has no CUDA device"):
+        web_without_loading.main(["--model-path", str(ft), "--device", "cuda:1", "--port", str(free_port())])
+
+
+def test_a_busy_port_is_refused_before_loading(web_without_loading, tmp_path):
+    """gradio said so only at launch, after every model had loaded."""
+    ft = fake_full_model(tmp_path / "ft")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=rf"^llava.serve.web: --port {port}: 127\.0\.0\.1:{port} is in use"
+                                             r".*--port N"):
+            web_without_loading.main(["--model-path", str(ft), "--device", "cpu", "--port", str(port)])
+
+
 def test_page_reads_photos_as_evaluation_does_and_routes_the_projector(checkpoints, tmp_path):
     """The page's image component hands over the uploaded file, which is opened as evaluation opens it: a
     photo with an EXIF orientation tag is not turned (gradio's own PIL conversion would turn it). With

@@ -232,3 +232,26 @@ def test_dora_7b_sh_checks_its_inputs_before_launching(tmp_path):
     assert "llava_v1_5_mix665k.json" in result.stdout
     assert f"missing: the pretrained projector at {tmp_path / 'nope.bin'}" in result.stdout
     assert "nothing was launched" in result.stderr
+
+
+def test_dora_7b_sh_takes_any_path_but_org_slash_name_as_local(tmp_path):
+    """A relative path without "./" used to get only a note that it would come from the hub, and the run
+    failed after loading the language model. The hints name the README's real section."""
+    inputs = {"DATA_PATH": str(tmp_path / "nope.json"), "PRETRAIN_MM": str(tmp_path / "nope.bin"),
+              "IMAGE_FOLDER": str(tmp_path / "images"), "LAUNCHER": "python"}
+
+    def launch(**paths: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "Dora_7b.sh"], cwd=ROOT, env={**env(), **inputs, **paths}, capture_output=True,
+                              text=True, timeout=60, check=False)
+
+    typos = launch(MODEL_BASE="checkpoints/nowhere/vicuna-tinyX", VISION_TOWER="clip-tinyy")
+    assert typos.returncode == 2 and "nothing was launched" in typos.stderr
+    assert "missing: the base language model at checkpoints/nowhere/vicuna-tinyX" in typos.stdout
+    assert "missing: the vision tower at clip-tinyy" in typos.stdout
+    assert "Hugging Face hub" not in typos.stdout
+    assert "README.md, 'Reproducing the paper' > 'Setup and downloads'" in typos.stdout
+    assert "Finetuning Dataset" not in typos.stdout and "(Data, Weights)" not in typos.stdout
+    hub = launch(MODEL_BASE="lmsys/vicuna-7b-v1.5", VISION_TOWER="openai/clip-vit-large-patch14-336")
+    assert "note: the base language model 'lmsys/vicuna-7b-v1.5' is not a local folder" in hub.stdout
+    assert "note: the vision tower 'openai/clip-vit-large-patch14-336' is not a local folder" in hub.stdout
+    assert "missing: the base language model" not in hub.stdout and "missing: the vision tower" not in hub.stdout

@@ -53,9 +53,34 @@ def load_non_lora_trainables(model_path: str) -> dict[str, torch.Tensor]:
     return stripped
 
 
+def is_hub_id(path: str) -> bool:
+    """Whether ``path`` is written as a hub id, exactly "org/name"; anything else (a leading ".", "/" or
+    "~", no slash, or two or more) can only be a local path."""
+    org, slash, name = path.partition("/")
+    return bool(slash and org and name) and "/" not in name and not path.startswith((".", "~"))
+
+
 def _is_local(path: str) -> bool:
     """A path on disk, as opposed to a hub id ("org/name"): it exists or is written like a path."""
-    return os.path.exists(path) or path.startswith((".", os.sep, "~"))
+    return os.path.exists(path) or not is_hub_id(path)
+
+
+def check_model_location(path: str, flag: str) -> None:
+    """Refuse a ``--model-path`` / ``--model-base`` that is no folder and cannot be a hub id: transformers
+    would take it for a hub id and fail with a message about repo ids that never says the folder is missing."""
+    if os.path.isdir(path) or (not os.path.exists(path) and is_hub_id(path)):
+        return
+    what = "a file, not a folder" if os.path.exists(path) else "no such folder"
+    relative = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+    raise FileNotFoundError(
+        f"{path}: {what} ({flag}). Check the path{relative}, or name a Hugging Face hub model as org/name "
+        "(e.g. lmsys/vicuna-7b-v1.5)."
+    )
+
+
+def holds_language_model(folder: Path) -> bool:
+    """Whether a folder has language-model weights of its own (a full model, sharded or not)."""
+    return any(folder.glob("model*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
 
 
 def _tensor_names(path: Path) -> list[str]:
@@ -91,10 +116,14 @@ def has_own_projector(model_path: str, model_base: str | None) -> bool:
 def check_model_folders(model_path: str, model_base: str | None, mm_projector: str | None = None) -> None:
     """Refuse, before any model is built, checkpoints that would load wrong or not at all.
 
-    A local folder without config.json, an adapter whose weights hold DoRA magnitudes under a plain
+    A path that is neither a folder nor a hub id, a local folder without config.json, an adapter or
+    projector-only folder without a base, an adapter whose weights hold DoRA magnitudes under a plain
     LoRA config (they would be dropped), and an adapter or projector-only folder without the projector
     its base lacks (it would be evaluated with a random projector) each get an error naming the files.
     """
+    check_model_location(model_path, "--model-path")
+    if model_base is not None:
+        check_model_location(model_base, "--model-base")
     if _is_local(model_path) and not Path(model_path, "config.json").is_file():
         raise FileNotFoundError(
             f"{model_path}: no config.json. Expected a LLaVA checkpoint folder: a full model, an adapter "
@@ -104,6 +133,7 @@ def check_model_folders(model_path: str, model_base: str | None, mm_projector: s
     if mm_projector is not None and not os.path.isfile(mm_projector):
         raise FileNotFoundError(f"--mm-projector {mm_projector}: no such file.")
     if model_base is None:
+        _refuse_missing_base(model_path)
         return
     folder = Path(model_path)
     if not is_adapter(model_path):
@@ -123,6 +153,22 @@ def check_model_folders(model_path: str, model_base: str | None, mm_projector: s
             "none: the model would be evaluated with a random projector. Use a checkpoint that training wrote "
             "completely, or name the projector it was trained with: --mm-projector PATH "
             "(e.g. the stage-1 mm_projector.bin, for a run with a frozen projector)."
+        )
+
+
+def _refuse_missing_base(model_path: str) -> None:
+    """An adapter or a projector-only folder holds no language model: without a base there is nothing to
+    load it onto (a projector-only folder would otherwise fail on its missing tokenizer)."""
+    if is_adapter(model_path):
+        raise ValueError(
+            f"{model_path} holds an adapter (adapter_config.json) but no --model-base was given: "
+            "pass the base language model, e.g. lmsys/vicuna-7b-v1.5."
+        )
+    folder = Path(model_path)
+    if (folder / "mm_projector.bin").is_file() and not holds_language_model(folder):
+        raise ValueError(
+            f"{model_path} holds only a projector (config.json, mm_projector.bin, no language model weights) but "
+            "no --model-base was given: pass the language model it was trained on, e.g. lmsys/vicuna-7b-v1.5."
         )
 
 
@@ -163,6 +209,8 @@ def load_pretrained_model(
     checkpoint's projector; the folders are checked before anything is built (``check_model_folders``).
     """
     device = device or default_device()
+    model_path = os.path.expanduser(model_path)
+    model_base = None if model_base is None else os.path.expanduser(model_base)
     if torch_dtype is None:
         torch_dtype = torch.float16 if device.startswith("cuda") else torch.float32
     if dora_magnitudes not in ("trained", "weight_norm"):
@@ -187,11 +235,6 @@ def load_pretrained_model(
         kwargs["attn_implementation"] = "flash_attention_2"
 
     if is_adapter(model_path):
-        if model_base is None:
-            raise ValueError(
-                f"{model_path} holds an adapter (adapter_config.json) but no --model-base was given: "
-                "pass the base language model, e.g. lmsys/vicuna-7b-v1.5."
-            )
         model, tokenizer = _load_adapter_model(model_path, model_base, missing_magnitudes, dora_magnitudes, kwargs)
     elif model_base is not None:
         logger.info("Loading the language model from %s and the projector from %s", model_base, model_path)

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+import torch
+from PIL import Image, UnidentifiedImageError
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.conversation import Conversation, conv_templates
@@ -28,7 +29,13 @@ from llava.eval import cli
 from llava.eval import generation as gen
 from llava.eval.run_llava import infer_conv_mode, user_message
 from llava.mm_utils import to_rgb
-from llava.model.builder import adapter_kind, has_own_projector
+from llava.model.builder import (
+    adapter_kind,
+    check_model_folders,
+    check_model_location,
+    has_own_projector,
+    holds_language_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +83,7 @@ def base_for(model_path: str, model_base: str | None) -> str | None:
     folder = Path(model_path).expanduser()
     if model_base is None or not folder.is_dir() or adapter_kind(str(folder)) is not None:
         return model_base
-    full = any(folder.glob("model*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
-    if full:
-        logger.info("%s holds a full model: loading it without --model-base", model_path)
-        return None
-    return model_base
+    return None if holds_language_model(folder) else model_base
 
 
 def open_image(source: str, timeout: float = URL_TIMEOUT_S) -> Image.Image:
@@ -97,9 +100,45 @@ def open_image(source: str, timeout: float = URL_TIMEOUT_S) -> Image.Image:
                 return to_rgb(image)
         except OSError as err:
             raise ValueError(f"{source} did not return an image ({len(data)} bytes): {err}") from err
+    if os.path.isdir(source):
+        raise ValueError(f"{source} is a folder, not an image file: name one image in it.")
     if not os.path.isfile(source):
         raise FileNotFoundError(f"Image file not found: {source}")
-    return gen.open_rgb(source)
+    try:
+        return gen.open_rgb(source)
+    except UnidentifiedImageError as err:
+        raise ValueError(f"{source} is not an image PIL can read: name a JPEG, PNG or other image file.") from err
+    except OSError as err:
+        raise ValueError(f"{source}: cannot read the image ({err}).") from err
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a ``--device`` this machine lacks before any model loads: torch would fail only when the
+    first weight moves there, with an assertion about how it was compiled."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device}: not a device torch knows; use cpu, cuda or cuda:N.") from err
+    if parsed.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"--device {device}: this machine has no CUDA device (or torch was built without CUDA); "
+                         "use --device cpu, or leave the flag out.")
+    if parsed.index is not None and parsed.index >= count:
+        raise ValueError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}.")
+
+
+def check_models(args: argparse.Namespace, model_paths: Sequence[str], route_projector: bool = False) -> None:
+    """Check ``--model-base`` and every checkpoint's folder before any model loads, so that a typo in the
+    last of several paths is not found only after the others have loaded."""
+    if args.model_base is not None:
+        check_model_location(os.path.expanduser(args.model_base), "--model-base")
+    for path in model_paths:
+        model_path, model_base, mm_projector = _model_flags(args, path, route_projector)
+        check_model_folders(model_path, model_base, mm_projector)
 
 
 @dataclass
@@ -123,17 +162,29 @@ def load_chat_model(args: argparse.Namespace, model_path: str, label: str | None
     ``--model-base``, only to the checkpoints without a projector of their own; alone, a checkpoint
     takes it as evaluation does (in place of its own).
     """
-    model_base = base_for(model_path, args.model_base)
-    mm_projector = getattr(args, "mm_projector", None)
-    if route_projector and mm_projector is not None and has_own_projector(model_path, model_base):
+    _, model_base, mm_projector = _model_flags(args, model_path, route_projector)
+    if model_base is None and args.model_base is not None:
+        logger.info("%s holds a full model: loading it without --model-base", model_path)
+    if mm_projector is None and getattr(args, "mm_projector", None) is not None:
         logger.info("%s has a projector of its own: --mm-projector is not applied to it", model_path)
-        mm_projector = None
     per_model = argparse.Namespace(**{**vars(args), "model_path": model_path, "model_base": model_base,
                                       "mm_projector": mm_projector})
     loaded = cli.load_model(per_model)
     conv_mode = chat_conv_mode(args.conv_mode, loaded.name)
     logger.info("%s: template %s", model_path, conv_mode)
     return ChatModel(loaded, conv_mode, label or loaded.name)
+
+
+def _model_flags(args: argparse.Namespace, model_path: str,
+                 route_projector: bool) -> tuple[str, str | None, str | None]:
+    """The path, base and projector one checkpoint is loaded with (see ``load_chat_model``)."""
+    model_path = os.path.expanduser(model_path)
+    model_base = base_for(model_path, args.model_base)
+    model_base = None if model_base is None else os.path.expanduser(model_base)
+    mm_projector = getattr(args, "mm_projector", None)
+    if route_projector and mm_projector is not None and has_own_projector(model_path, model_base):
+        mm_projector = None
+    return model_path, model_base, mm_projector
 
 
 @dataclass

@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
     eval_cli.configure_logging()
     args = parse_args(argv)
     try:
+        chat_lib.check_device(args.device)
         image = chat_lib.open_image(args.image_file)
+        chat_lib.check_models(args, [args.model_path])
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"llava.serve.cli: {err}") from None
     model = chat_lib.load_chat_model(args, args.model_path)

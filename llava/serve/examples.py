@@ -1,8 +1,8 @@
 """Example images and questions for the web demo, taken from benchmark question files.
 
-Any folder laid out as ``playground/data/eval`` (FORMATS.md) will do; the demo writes one under
-``playground/data/demo/eval``. The questions keep their benchmark instruction ("Answer the question
-using a single word or phrase."), so an example asks what the benchmark asked.
+Any folder laid out as ``playground/data/eval`` (README.md, "Evaluation data") will do; the demo writes
+one under ``playground/data/demo/eval``. The questions keep their benchmark instruction ("Answer the
+question using a single word or phrase."), so an example asks what the benchmark asked.
 """
 
 from __future__ import annotations

@@ -15,8 +15,10 @@ Nothing is fetched from outside: gradio's analytics are off and the page uses it
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -228,11 +230,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_demo(args: argparse.Namespace) -> Demo:
-    """Every checkpoint loaded, and the examples; a wrong flag fails before any model loads."""
+def check_flags(args: argparse.Namespace) -> list[str]:
+    """The checkpoints' labels, once every flag that names something has been checked: loading several
+    models takes a while, and a typo in the last one should not wait for the others."""
     labels = labels_for(args.model_path, args.labels)
     if args.examples is not None and not args.examples.is_dir():
-        raise FileNotFoundError(f"--examples {args.examples}: no such folder (an evaluation folder, FORMATS.md).")
+        raise FileNotFoundError(
+            f"--examples {args.examples}: no such folder (an evaluation folder laid out as playground/data/eval: "
+            "README.md, 'Evaluation data')."
+        )
+    chat_lib.check_device(args.device)
+    chat_lib.check_models(args, args.model_path, route_projector=len(args.model_path) > 1)
+    return labels
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a port another server holds before any model loads (gradio would say so only at launch)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise ValueError(f"--port {port}: {host}:{port} is in use (another server?); pick a free port with "
+                                 "--port N.") from err
+            raise ValueError(f"--host {host} --port {port}: cannot serve there ({err.strerror}).") from err
+
+
+def load_demo(args: argparse.Namespace) -> Demo:
+    """Every checkpoint loaded, and the examples; a wrong flag fails before any model loads."""
+    labels = check_flags(args)
     examples_dir = args.examples or DEMO_EVAL
     examples = benchmark_examples(examples_dir) if examples_dir.is_dir() else []
     several = len(args.model_path) > 1
@@ -245,6 +272,11 @@ def main(argv: list[str] | None = None) -> None:
     eval_cli.configure_logging()
     args = parse_args(argv)
     gr = import_gradio()
+    try:
+        check_port(args.host, args.port)
+        check_flags(args)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"llava.serve.web: {err}") from None
     demo = load_demo(args)
     page = demo.build()
     page.queue(default_concurrency_limit=1)
