@@ -35,7 +35,7 @@ import torch
 
 from llava.mm_utils import get_model_name_from_path
 from llava.model import LlavaConfig
-from llava.model.builder import load_pretrained_model
+from llava.model.builder import check_model_location, load_pretrained_model
 from llava.output_folder import (
     check_output_folder,
     open_safetensors_modes,
@@ -240,6 +240,9 @@ def convert(model_path: str, out_dir: Path, model_base: str | None = None, dtype
             overwrite: bool = False) -> list[Path]:
     """Write ``out_dir`` (through ``out_dir.tmp``, renamed at the end); returns the files written."""
     out_dir = Path(out_dir)
+    check_model_location(model_path, "MODEL_PATH")
+    if model_base is not None:
+        check_model_location(model_base, "--model-base")
     check_output_folder(out_dir, overwrite, [model_path, model_base])
     out_dtype = saved_dtype(model_path, model_base) if dtype == "auto" else DTYPES[dtype]
     check_convertible(LlavaConfig.from_pretrained(model_path))
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         convert(args.model_path, args.out_dir, args.model_base, args.dtype, args.overwrite)
-    except (FileExistsError, ValueError) as error:
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"convert_to_hf_llava: {error}") from error
 
 

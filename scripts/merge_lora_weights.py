@@ -18,7 +18,7 @@ import torch
 from transformers import PretrainedConfig
 
 from llava.mm_utils import get_model_name_from_path
-from llava.model.builder import load_pretrained_model
+from llava.model.builder import check_model_location, load_pretrained_model
 from llava.output_folder import (
     check_output_folder,
     open_safetensors_modes,
@@ -59,6 +59,8 @@ def base_dtype(model_base: str) -> torch.dtype:
 def merge_lora(model_path: str, model_base: str, save_model_path: Path, dtype: str = "auto",
                missing_magnitudes: str = "error", dora_magnitudes: str = "trained", overwrite: bool = False) -> None:
     """Merge, then save through ``save_model_path.tmp``, renamed at the end: a failed run leaves no half model."""
+    check_model_location(model_path, "--model-path")
+    check_model_location(model_base, "--model-base")
     out = Path(save_model_path)
     check_output_folder(out, overwrite, [model_path, model_base])
     out_dtype = base_dtype(model_base) if dtype == "auto" else DTYPES[dtype]
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         merge_lora(args.model_path, args.model_base, args.save_model_path, args.dtype, args.missing_magnitudes,
                    args.dora_magnitudes, args.overwrite)
-    except (FileExistsError, ValueError) as error:
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"merge_lora_weights: {error}") from error
 
 

@@ -465,6 +465,24 @@ def test_exported_dora_run_gives_the_unmerged_logits(tiny, dora_checkpoint, tmp_
     torch.testing.assert_close(hf_logits(hf, batch)[..., : want.shape[-1]][real], want[real], rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("script, args, flag", [
+    ("merge_lora_weights.py", ["--model-path", "runs/nope/dora", "--model-base", "BASE", "--save-model-path", "OUT"],
+     "--model-path"),
+    ("merge_lora_weights.py", ["--model-path", "ADAPTER", "--model-base", "bases/demo/vicuna-tinyX", "--save-model-path", "OUT"],
+     "--model-base"),
+    ("convert_to_hf_llava.py", ["runs/nope/dora", "OUT"], "MODEL_PATH"),
+    ("convert_to_hf_llava.py", ["ADAPTER", "OUT", "--model-base", "bases/demo/vicuna-tinyX"], "--model-base"),
+])
+def test_scripts_name_a_mistyped_folder(script, args, flag, tiny, dora_checkpoint, tmp_path):
+    """Not transformers' message about repo ids: the path, that it is no folder, and which argument."""
+    given = {"BASE": str(tiny.base.language_model), "ADAPTER": str(dora_checkpoint.path), "OUT": str(tmp_path / "out")}
+    done = subprocess.run([sys.executable, f"scripts/{script}", *(given.get(a, a) for a in args)], cwd=REPO,
+                          capture_output=True, text=True, check=False)
+    missing = next(a for a in args if "/" in a and a not in given)
+    assert done.returncode != 0 and f"{missing}: no such folder ({flag})" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
 def test_safetensors_files_get_the_umask_mode_and_chosen_modes_stay(tmp_path):
     from safetensors.torch import save_file
 

@@ -112,6 +112,9 @@ def test_one_process_training_learns_and_saves_every_checkpoint(setup, one_proce
     for folder in [out, *sorted(out.glob("checkpoint-*"))]:
         for name in ("config.json", "adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors"):
             assert (folder / name).exists(), folder / name
+        modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir() if p.is_file()}
+        # as readable as the config beside them (safetensors alone writes weights 0o600)
+        assert {m for n, m in modes.items() if n.endswith(".safetensors")} == {modes["config.json"]}, modes
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["use_dora"] is True
     projector = load_file(str(out / "non_lora_trainables.safetensors"))

@@ -17,7 +17,7 @@ Written under OUT_ROOT:
     text/corpus.txt                               every prompt / answer line, for the tiny tokenizer and LM
     text/llava_demo_text.json                     text-only chats (scene in words) for the LM's pretraining
     text/llava_demo_facts.json                    plain-text scene facts and worked answers, for the same
-    eval/                                         laid out as ./playground/data/eval (FORMATS.md)
+    eval/                                         laid out as ./playground/data/eval (README: Evaluation data)
 
 Each part draws from its own random stream (seed, part), so training scenes differ from the evaluation
 scenes and the same seed gives byte-identical files.

@@ -28,7 +28,8 @@ _OCR_TOKENS_QUESTION = re.compile(r"Question: (.*?) Short answer:", re.DOTALL)
 
 
 def question_from_prompt(prompt: str) -> str:
-    """The question inside a TextVQA prompt, lowercased (three prompt layouts, as in FORMATS.md)."""
+    """The question inside a TextVQA prompt, lowercased. Three layouts: "OCR tokens: ... Question: ...
+    Short answer:", "Reference OCR token: ..." with the question on the next line, or the question first."""
     if prompt.startswith("OCR tokens: "):
         match = _OCR_TOKENS_QUESTION.search(prompt)
         if match is None:
