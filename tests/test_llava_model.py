@@ -414,19 +414,25 @@ def test_merge_lora_weights_writes_a_full_model(tiny, dora_checkpoint, tmp_path)
     torch.testing.assert_close(llava_logits(model, batch), want, rtol=0, atol=1e-5)
 
 
+def script_module(script: str):
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), REPO / "scripts" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def script_args(script: str, checkpoint: Path | str, base: Path | str, out: Path) -> list[str]:
+    if script == "merge_lora_weights.py":
+        return ["--model-path", str(checkpoint), "--model-base", str(base), "--save-model-path", str(out)]
+    return [str(checkpoint), str(out), "--model-base", str(base)]
+
+
 @pytest.mark.parametrize("script", ["merge_lora_weights.py", "convert_to_hf_llava.py"])
 def test_scripts_never_delete_a_folder_they_were_not_told_to_replace(script, tiny, dora_checkpoint, tmp_path):
     """Both replace their output folder whole: a folder holding files needs --overwrite, and one holding the
     checkpoint being read is refused even then. Nothing is deleted, and the refusal comes before loading."""
-    def run(out: Path, *flags: str) -> subprocess.CompletedProcess:
-        if script == "merge_lora_weights.py":
-            args = ["--model-path", str(checkpoint), "--model-base", str(tiny.base.language_model),
-                    "--save-model-path", str(out)]
-        else:
-            args = [str(checkpoint), str(out), "--model-base", str(tiny.base.language_model)]
-        return subprocess.run([sys.executable, f"scripts/{script}", *args, *flags], cwd=REPO,
-                              capture_output=True, text=True, check=False)
-
+    main = script_module(script).main
+    base = tiny.base.language_model
     checkpoint = tmp_path / "runs" / "dora"
     shutil.copytree(dora_checkpoint.path, checkpoint)
     (tmp_path / "runs" / "notes.txt").write_text("keep")
@@ -434,23 +440,34 @@ def test_scripts_never_delete_a_folder_they_were_not_told_to_replace(script, tin
     (tmp_path / "other" / "notes.txt").write_text("keep")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
 
-    refused = run(tmp_path / "other")
-    assert refused.returncode != 0 and "pass --overwrite" in refused.stderr, refused.stderr[-2000:]
-    for target, flags in ((tmp_path / "runs", ()), (tmp_path / "runs", ("--overwrite",)), (checkpoint, ("--overwrite",))):
-        refused = run(target, *flags)
-        assert refused.returncode != 0 and "would delete it" in refused.stderr, refused.stderr[-2000:]
+    with pytest.raises(SystemExit, match="pass --overwrite"):
+        main(script_args(script, checkpoint, base, tmp_path / "other"))
+    for target, flags in ((tmp_path / "runs", []), (tmp_path / "runs", ["--overwrite"]), (checkpoint, ["--overwrite"])):
+        with pytest.raises(SystemExit, match="would delete it"):
+            main(script_args(script, checkpoint, base, target) + flags)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
-    (tmp_path / "empty").mkdir()
-    assert run(tmp_path / "empty").returncode == 0
     old = tmp_path / "old"
     old.mkdir()
     (old / "stale.txt").write_text("an earlier export")
-    assert run(old, "--overwrite").returncode == 0
+    done = subprocess.run([sys.executable, f"scripts/{script}", *script_args(script, checkpoint, base, old), "--overwrite"],
+                          cwd=REPO, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
     assert not (old / "stale.txt").exists() and (old / "config.json").is_file()
     # Weights as readable as the config beside them (safetensors alone would write them 0o600).
     modes = {path.name: path.stat().st_mode & 0o777 for path in old.iterdir() if path.is_file()}
     assert {mode for name, mode in modes.items() if name.endswith(".safetensors")} == {modes["config.json"]}, modes
+
+
+def test_an_empty_output_folder_is_taken_and_a_file_is_not(tmp_path):
+    from llava.output_folder import check_output_folder
+
+    (tmp_path / "empty").mkdir()
+    check_output_folder(tmp_path / "empty", overwrite=False, inputs=[str(tmp_path / "elsewhere")])
+    check_output_folder(tmp_path / "new", overwrite=False, inputs=[])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        check_output_folder(tmp_path / "file", overwrite=True, inputs=[])
 
 
 @torch.no_grad()
@@ -465,22 +482,18 @@ def test_exported_dora_run_gives_the_unmerged_logits(tiny, dora_checkpoint, tmp_
     torch.testing.assert_close(hf_logits(hf, batch)[..., : want.shape[-1]][real], want[real], rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("script, args, flag", [
-    ("merge_lora_weights.py", ["--model-path", "runs/nope/dora", "--model-base", "BASE", "--save-model-path", "OUT"],
-     "--model-path"),
-    ("merge_lora_weights.py", ["--model-path", "ADAPTER", "--model-base", "bases/demo/vicuna-tinyX", "--save-model-path", "OUT"],
-     "--model-base"),
-    ("convert_to_hf_llava.py", ["runs/nope/dora", "OUT"], "MODEL_PATH"),
-    ("convert_to_hf_llava.py", ["ADAPTER", "OUT", "--model-base", "bases/demo/vicuna-tinyX"], "--model-base"),
+@pytest.mark.parametrize("script, wrong, flag", [
+    ("merge_lora_weights.py", "checkpoint", "--model-path"), ("merge_lora_weights.py", "base", "--model-base"),
+    ("convert_to_hf_llava.py", "checkpoint", "MODEL_PATH"), ("convert_to_hf_llava.py", "base", "--model-base"),
 ])
-def test_scripts_name_a_mistyped_folder(script, args, flag, tiny, dora_checkpoint, tmp_path):
+def test_scripts_name_a_mistyped_folder(script, wrong, flag, tiny, dora_checkpoint, tmp_path):
     """Not transformers' message about repo ids: the path, that it is no folder, and which argument."""
-    given = {"BASE": str(tiny.base.language_model), "ADAPTER": str(dora_checkpoint.path), "OUT": str(tmp_path / "out")}
-    done = subprocess.run([sys.executable, f"scripts/{script}", *(given.get(a, a) for a in args)], cwd=REPO,
-                          capture_output=True, text=True, check=False)
-    missing = next(a for a in args if "/" in a and a not in given)
-    assert done.returncode != 0 and f"{missing}: no such folder ({flag})" in done.stderr, done.stderr[-2000:]
-    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+    missing = "runs/demo/dorra" if wrong == "checkpoint" else "bases/demo/vicuna-tinyX"
+    checkpoint = missing if wrong == "checkpoint" else dora_checkpoint.path
+    base = missing if wrong == "base" else tiny.base.language_model
+    with pytest.raises(SystemExit, match=rf"{missing}: no such folder \({flag}\)"):
+        script_module(script).main(script_args(script, checkpoint, base, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_safetensors_files_get_the_umask_mode_and_chosen_modes_stay(tmp_path):
