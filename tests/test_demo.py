@@ -166,16 +166,27 @@ def test_a_failed_job_stops_the_ones_waiting_and_is_raised():
         run_jobs(2, {"x": (lambda: None, ("y",))})
 
 
-def test_jobs_share_the_cores(monkeypatch):
+def test_every_finetune_and_evaluation_runs_on_one_thread_whatever_the_jobs_and_cores(monkeypatch):
+    """A run's numbers depend on its thread count: fixed at one, --jobs and the machine's cores change only
+    how many run at a time, not the table."""
     from dataclasses import replace
 
     from llava.demo import run
     from llava.demo.run import job_threads, parse_args
 
     [cfg], _ = parse_args(["--jobs", "1"])
-    assert cfg.jobs == 1 and job_threads(cfg) == {}  # one at a time: torch's own thread count
-    for cores, jobs, threads in ((2, 2, "1"), (8, 2, "4"), (1, 2, "1"), (6, 4, "1")):
+    for cores, jobs in ((2, 1), (2, 2), (8, 2), (1, 2), (6, 4)):
         monkeypatch.setattr(run.os, "cpu_count", lambda: cores)
-        assert job_threads(replace(cfg, jobs=jobs)) == {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        assert job_threads(replace(cfg, jobs=jobs)) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with pytest.raises(SystemExit):
         parse_args(["--jobs", "0"])
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296", "abc"])
+def test_a_seed_numpy_and_torch_refuse_is_refused_at_once(seed, capsys):
+    from llava.demo.run import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--seed", seed])
+    assert "scripts/demo.sh: error: argument --seed" in capsys.readouterr().err
+    assert parse_args(["--seeds", "0", str(2**32 - 1)])[0][1].seed == 2**32 - 1

@@ -14,9 +14,10 @@ reuses what is finished (``--fresh`` starts over):
 7. table       the paper-style table (table.md) and the study as a picture (study.png) in the output folder
 
 Finetunes and evaluations are independent of one another once the projector is trained: ``--jobs``
-of them run at a time (default: one per CPU core, up to 2), each on ``cores / jobs`` threads. A tiny
-model keeps one thread busy far better than two, so two single-threaded jobs finish sooner than the
-same jobs one after another on two threads.
+of them run at a time (default: one per CPU core, up to 2), each on one thread. A tiny model keeps one
+thread busy far better than two, so two single-threaded jobs finish sooner than the same jobs one after
+another on two threads; and a training run's numbers depend on its thread count, so one thread for
+every finetune and evaluation makes their results the same whatever --jobs and the core count are.
 
 ``--seeds 0 1 2`` runs the study once per seed, each in its own folders, and adds the table as
 mean ± standard deviation over the seeds (llava.demo.report).
@@ -147,11 +148,12 @@ def sh(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = Non
 
 
 def job_threads(cfg: DemoConfig) -> dict[str, str]:
-    """Thread settings for one of ``cfg.jobs`` jobs running side by side (none when they run one at a time)."""
-    if cfg.jobs <= 1:
-        return {}
-    threads = str(max(1, (os.cpu_count() or 1) // cfg.jobs))
-    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    """Thread settings for a finetune or an evaluation: one thread, however many run side by side.
+
+    Training rounds differently on one thread than on two (a DoRA finetune's weights, and its scores,
+    came out different), so a fixed count keeps a seed's table the same for any ``--jobs`` and core count.
+    """
+    return {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def run_jobs(jobs: int, tasks: dict[str, tuple[Callable[[], None], tuple[str, ...]]]) -> None:
@@ -419,20 +421,29 @@ def default_jobs() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+def seed_value(text: str) -> int:
+    """A seed numpy and torch both take (0 to 2**32 - 1): refused here, not in the projector stage minutes later."""
+    seed = int(text)
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"{text} is not a seed: give an integer from 0 to {2**32 - 1}")
+    return seed
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[list[DemoConfig], argparse.Namespace]:
     """One config per seed (``--seed N``, or each of ``--seeds``)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="scripts/demo.sh", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fresh", action="store_true", help="delete the demo's data and checkpoints first")
     parser.add_argument("--data-dir", type=Path, help=f"default: {DemoConfig.data_dir.relative_to(ROOT)}[-seedN]")
     parser.add_argument("--out-dir", type=Path, help=f"default: {DemoConfig.out_dir.relative_to(ROOT)}[-seedN]")
     seeds = parser.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=0,
+    seeds.add_argument("--seed", type=seed_value, default=0,
                        help="seed of the data, the base and every run (default 0); another seed gets its own folders")
-    seeds.add_argument("--seeds", type=int, nargs="+",
+    seeds.add_argument("--seeds", type=seed_value, nargs="+",
                        help="run the study once per seed, each in its own folders (with --data-dir / --out-dir: "
                             "DIR for seed 0, DIR-seedN for the others), then the table as mean ± std over them")
     parser.add_argument("--jobs", type=int, default=default_jobs(),
-                        help="finetunes and evaluations run at a time, each on cores/jobs threads "
+                        help="finetunes and evaluations run at a time, each on one thread "
                              f"(default {default_jobs()}: one per core, up to 2)")
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (the test suite's run)")
     args = parser.parse_args(argv)
