@@ -258,3 +258,19 @@ def test_dora_7b_sh_takes_any_path_but_org_slash_name_as_local(tmp_path):
     assert "note: the base language model 'lmsys/vicuna-7b-v1.5' is not a local folder" in hub.stdout
     assert "note: the vision tower 'openai/clip-vit-large-patch14-336' is not a local folder" in hub.stdout
     assert "missing: the base language model" not in hub.stdout and "missing: the vision tower" not in hub.stdout
+
+
+def test_a_reporter_whose_package_is_missing_is_refused_before_anything_loads(monkeypatch):
+    """transformers says so only when the Trainer is built, after the data check and the model load."""
+    from transformers.integrations import integration_utils
+
+    from llava.train.train import check_report_to
+
+    monkeypatch.setattr(integration_utils, "is_wandb_available", lambda: False)
+    monkeypatch.setattr(integration_utils, "is_comet_available", lambda: False)
+    for name in ("wandb", "comet_ml"):
+        with pytest.raises(ValueError, match=rf"--report_to {name}: the {name} package is not installed"):
+            check_report_to([name])
+    monkeypatch.setattr(integration_utils, "is_wandb_available", lambda: True)
+    check_report_to(["wandb"])
+    check_report_to([])

@@ -264,9 +264,26 @@ def attach_vision_modules(
     return vision_tower
 
 
+# --report_to names whose package check in transformers is not named is_<name>_available.
+_REPORTER_CHECKS = {"comet_ml": "comet", "azure_ml": "azureml", "flyte": "flytekit"}
+
+
+def check_report_to(report_to: list[str] | None) -> None:
+    """Refuse a --report_to whose package is missing now: transformers would say so only when the Trainer
+    is built, after the data check and the model load (minutes at 7B under DeepSpeed)."""
+    from transformers.integrations import integration_utils
+
+    for name in report_to or []:
+        available = getattr(integration_utils, f"is_{_REPORTER_CHECKS.get(name, name)}_available", None)
+        if available is not None and not available():
+            raise ValueError(f"--report_to {name}: the {name} package is not installed. Install it (pip install "
+                             f"{name}) or pass --report_to none (Dora_7b.sh: REPORT_TO=none).")
+
+
 def train(attn_implementation: str | None = None) -> None:
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    check_report_to(training_args.report_to)
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING, format="%(message)s")
     # Seed before the adapters are initialised so that a rerun (or a resumed run) is the same run.
     transformers.set_seed(training_args.seed)
