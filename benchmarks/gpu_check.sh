@@ -3,7 +3,8 @@
 # parity with float64 first, then CUDA-event timings and peak memory (benchmarks/gpu_check.py says what).
 #   bash benchmarks/gpu_check.sh          on a CUDA GPU: LLaMA-7B shapes, bf16, r 128 (a few minutes on one H200)
 #   DRY=1 bash benchmarks/gpu_check.sh    on the CPU: tiny shapes, float32, Triton's interpreter (the test suite's run)
-# Python: $PYTHON, else the repository's .venv, else python3. peft_dora is taken from this checkout.
+# Python: $PYTHON, else the repository's .venv (not with WHEELS, meant for a GPU machine's own python3),
+# else python3. peft_dora is taken from this checkout.
 # WHEELS=DIR first installs the wheels in DIR (e.g. peft 0.21.2 where the machine has another version)
 # into a temporary folder put ahead on the path. The report is also written to $OUT/gpu_check.md when OUT is set.
 set -euo pipefail
@@ -15,6 +16,7 @@ fi
 export PYTHONPATH="$ROOT/peft/src${PYTHONPATH:+:$PYTHONPATH}"
 if [ -n "${WHEELS:-}" ]; then
   SITE="$(mktemp -d)"
+  trap 'rm -rf "$SITE"' EXIT
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl
   export PYTHONPATH="$SITE:$PYTHONPATH"
 fi
@@ -27,4 +29,4 @@ if [ -n "${OUT:-}" ]; then
   ARGS+=(--out "$OUT/gpu_check.md")
 fi
 export PYTHONUNBUFFERED=1
-exec "$PY" "$ROOT/benchmarks/gpu_check.py" "${ARGS[@]}" "$@"
+"$PY" "$ROOT/benchmarks/gpu_check.py" "${ARGS[@]}" "$@"
