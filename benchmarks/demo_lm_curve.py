@@ -6,8 +6,8 @@ For each spread (``TinySizes.lm_init_std``; LLaMA's default is 0.02, the demo's 
 base is built in a scratch folder exactly as the demo's base stage builds it from the data folder
 (same tokenizer, sizes, documents and schedule), and every ``--every`` steps the language model
 answers greedily the held-out described chats of ``benchmarks/demo_lm_probe.py``. Prints one row per
-probe: right answers out of ``--questions`` for ScienceQA, MMBench, POPE and VQAv2. Each 2000-step
-run takes about 5 minutes on 2 cores.
+probe: right answers out of ``--questions`` for ScienceQA, MMBench, POPE and VQAv2. ``--steps`` defaults
+to the demo's (3000: about 7 minutes a run on 2 cores; 2000, as docs/demo.md's table: about 5).
 """
 
 from __future__ import annotations

@@ -802,6 +802,8 @@ def test_record_goes_into_an_existing_row_and_takes_percentages(tmp_path):
     assert refused.returncode != 0 and "give RESULTPATH/CKPT" in refused.stderr
     record_score(results / "dora", "vqav2", 78.6)
     assert load_results(results / "dora")["benchmarks"]["vqav2"]["score"] == 78.6
+    told = run("-m", "llava.eval.summarize", "--record", str(results / "dora"), "gqa", "50").stdout
+    assert told.rstrip().endswith("gqa = 50.0 (server); it replaces the local score 62.9"), told
 
 
 def test_scorer_cli_reports_bad_jsonl_with_file_and_line(tmp_path):

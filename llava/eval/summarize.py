@@ -460,8 +460,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.record:
             directory, benchmark, score = args.record
+            key = benchmark_key(benchmark)
+            earlier = load_results(directory)["benchmarks"].get(key, {}) if results_file(directory).is_file() else {}
             written = record_score(directory, benchmark, float(score), args.source)
-            print(f"{written}: {benchmark_key(benchmark)} = {float(score)} ({args.source})")
+            replaced = ("" if earlier.get("score") is None else
+                        f"; it replaces the {earlier.get('source', 'local')} score {earlier['score']:g}")
+            print(f"{written}: {key} = {float(score)} ({args.source}){replaced}")
         if args.write:
             _write_from_args(args)
         if args.paths:
