@@ -89,9 +89,12 @@ def main() -> None:
             lines.append(f"| {cfg.seed} | {label} | {values} | {train_runtime(cfg.out_dir / method):.0f} |")
         for key, found in differences.items():
             found.append(seed_rows[VARIANT][key] - seed_rows["dora"][key])
-    spread = statistics.stdev if len(cfgs) > 1 else (lambda xs: 0.0)
-    cells = " | ".join(f"{statistics.mean(d):+.1f} ± {spread(d):.1f}" for d in differences.values())
-    lines.append(f"| mean ± std | branch - seed's | {cells} | |")
+    if len(cfgs) > 1:
+        cells = " | ".join(f"{statistics.mean(d):+.1f} ± {statistics.stdev(d):.1f}" for d in differences.values())
+        lines.append(f"| mean ± std | branch - seed's | {cells} | |")
+    else:  # one seed has no spread to show
+        cells = " | ".join(f"{d[0]:+.1f}" for d in differences.values())
+        lines.append(f"| difference | branch - seed's | {cells} | |")
     print("\n" + "\n".join(lines))
 
 

@@ -274,3 +274,16 @@ def test_a_reporter_whose_package_is_missing_is_refused_before_anything_loads(mo
     monkeypatch.setattr(integration_utils, "is_wandb_available", lambda: True)
     check_report_to(["wandb"])
     check_report_to([])
+
+
+def test_the_old_evaluation_strategy_name_is_taken_and_a_disagreement_refused(tmp_path):
+    from llava.train.train import TrainingArguments
+
+    def strategy(**flags: str) -> str:
+        return str(TrainingArguments(output_dir=str(tmp_path), report_to="none", **flags).eval_strategy.value)
+
+    assert strategy(evaluation_strategy="steps") == "steps"  # the seed's spelling
+    assert strategy(evaluation_strategy="steps", eval_strategy="steps") == "steps"
+    assert strategy(evaluation_strategy="no") == "no"
+    with pytest.raises(ValueError, match="--evaluation_strategy no and --eval_strategy steps disagree"):
+        strategy(evaluation_strategy="no", eval_strategy="steps")

@@ -94,6 +94,9 @@ class TrainingArguments(transformers.TrainingArguments):
                 raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             self.warmup_steps = self.warmup_ratio
         if self.evaluation_strategy is not None:
+            if str(self.eval_strategy) not in ("no", "IntervalStrategy.NO", str(self.evaluation_strategy)):
+                raise ValueError(f"--evaluation_strategy {self.evaluation_strategy} and --eval_strategy "
+                                 f"{self.eval_strategy} disagree: give one (--evaluation_strategy is its old name).")
             self.eval_strategy = self.evaluation_strategy
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"--loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
