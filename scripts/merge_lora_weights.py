@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
+from llava.eval.cli import configure_logging
 from llava.mm_utils import get_model_name_from_path
 from llava.model.builder import check_model_location, load_pretrained_model
 from llava.output_folder import (
@@ -80,6 +81,7 @@ def merge_lora(model_path: str, model_base: str, save_model_path: Path, dtype: s
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    configure_logging()  # the loader's lines, e.g. that the projector transformers reports missing was loaded
     try:
         merge_lora(args.model_path, args.model_base, args.save_model_path, args.dtype, args.missing_magnitudes,
                    args.dora_magnitudes, args.overwrite)
