@@ -53,9 +53,11 @@ CHUNKS=${#GPULIST[@]}
 
 # A folder without full weights (an adapter, or a projector alone) is loaded on top of MODEL_BASE.
 MODEL_ARGS=(--model-path "$CKPT_PATH")
+BASE_ARG=""
 if ! compgen -G "$CKPT_PATH/model*.safetensors" >/dev/null && ! compgen -G "$CKPT_PATH/pytorch_model*.bin" >/dev/null; then
   [ -n "$MODEL_BASE" ] || { echo "$CKPT_PATH holds no full weights: set MODEL_BASE" >&2; exit 2; }
   MODEL_ARGS+=(--model-base "$MODEL_BASE")
+  BASE_ARG=$MODEL_BASE
 fi
 GEN_ARGS=(--temperature 0 --conv-mode "$CONV_MODE" --batch-size "$BATCH_SIZE" --dora-magnitudes "$DORA_MAGNITUDES")
 [ "${FRESH:-0}" = 1 ] && GEN_ARGS+=(--fresh)
@@ -65,8 +67,6 @@ failed=()
 # The row (RESULTPATH/CKPT/results.json) holds one model's scores: the checkpoint's fingerprint (the one its
 # answers record) and, for DoRA, the magnitude mode. A row made by another model is refused before anything
 # is answered (FRESH=1 moves it aside instead).
-BASE_ARG=""
-[[ " ${MODEL_ARGS[*]} " == *" --model-base "* ]] && BASE_ARG=$MODEL_BASE
 CHECKPOINT_ID=$("$PYTHON" -c "import sys; from llava.checkpoint_kind import checkpoint_fingerprint as f
 print(f(*[a or None for a in sys.argv[1:]]))" "$CKPT_PATH" "$BASE_ARG" "${MM_PROJECTOR:-}") || exit 2
 SUMMARY=(--write "$RESULTPATH/$CKPT" --method "$CKPT" --checkpoint "$CHECKPOINT_ID"

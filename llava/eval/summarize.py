@@ -74,7 +74,7 @@ ALIASES = {"viswiz": "vizwiz", "scienceqa": "sqa", "vqat": "textvqa", "t-vqa": "
 SOURCES = ("local", "server", "recorded")
 DORA_MAGNITUDES = ("trained", "weight_norm")
 ENTRY_FIELDS = ("score", "source", "upload", "single_round_accuracy", "yes_ratio")
-NUMBER_FIELDS = ("score", "single_round_accuracy", "yes_ratio")
+NUMBER_FIELDS = {"score": 100.0, "single_round_accuracy": 100.0, "yes_ratio": 1.0}  # field: largest value
 ONE_ANSWER_SHARE = 0.99  # POPE: a yes ratio this close to 1 (or 0) is one answer given to everything
 RESULTS_NAME = "results.json"
 # What the Method cell adds for each DoRA magnitude mode ("|" escaped: the cell is in a Markdown table).
@@ -228,7 +228,7 @@ def _merge_entry(benchmarks: dict[str, dict[str, Any]], key: str, fields: Mappin
     entry = benchmarks.setdefault(key, {"score": None, "source": default_source, "upload": None})
     if "single_round_accuracy" in fields and "score" not in fields and entry.get("source") == "local":
         entry["score"] = None  # an earlier local MMBench figure; this run has no CircularEval one
-    for field, upper in (("score", 100.0), ("single_round_accuracy", 100.0), ("yes_ratio", 1.0)):
+    for field, upper in NUMBER_FIELDS.items():
         value = fields.get(field)
         if value is not None and not 0.0 <= float(value) <= upper:
             raise ValueError(f"{key} {field} {value} is outside 0-{upper:g}" +
@@ -274,8 +274,9 @@ def write_results(path: str | Path, method: str | None = None, params_percent: f
     return target
 
 
-def record_score(path: str | Path, benchmark: str, score: float, source: str = "server") -> Path:
-    """Store a score returned by an evaluation server (or copied from elsewhere: source="recorded").
+def record_score(path: str | Path, benchmark: str, score: float, source: str = "server") -> dict[str, Any]:
+    """Store a score returned by an evaluation server (or copied from elsewhere: source="recorded");
+    returns the benchmark's entry as it was before (empty if the row had none).
 
     Only into an existing row, so that a mistyped folder cannot add a row (or, at RESULTPATH itself, a
     results.json that would hide every checkpoint's row below it).
@@ -287,7 +288,9 @@ def record_score(path: str | Path, benchmark: str, score: float, source: str = "
                 " Give RESULTPATH/CKPT of an evaluated checkpoint, or start a row by hand with "
                 f"--write {path} --method NAME.")
         raise ValueError(f"{target} does not exist, so there is no row to record into.{hint}")
-    return write_results(path, benchmarks={benchmark: {"score": score, "source": source}})
+    earlier = dict(load_results(target)["benchmarks"].get(benchmark_key(benchmark), {}))
+    write_results(path, benchmarks={benchmark: {"score": score, "source": source}})
+    return earlier
 
 
 def find_results(paths: Iterable[str | Path]) -> list[Path]:
@@ -460,12 +463,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.record:
             directory, benchmark, score = args.record
-            key = benchmark_key(benchmark)
-            earlier = load_results(directory)["benchmarks"].get(key, {}) if results_file(directory).is_file() else {}
-            written = record_score(directory, benchmark, float(score), args.source)
+            earlier = record_score(directory, benchmark, float(score), args.source)
             replaced = ("" if earlier.get("score") is None else
                         f"; it replaces the {earlier.get('source', 'local')} score {earlier['score']:g}")
-            print(f"{written}: {key} = {float(score)} ({args.source}){replaced}")
+            print(f"{results_file(directory)}: {benchmark_key(benchmark)} = {float(score)} ({args.source}){replaced}")
         if args.write:
             _write_from_args(args)
         if args.paths:

@@ -22,7 +22,7 @@ from transformers.trainer_pt_utils import get_parameter_names
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from llava.model.llava_arch import labels_within_length
-from llava.output_folder import open_safetensors_modes
+from llava.output_folder import open_safetensors_modes, umask_file_mode
 from llava.train.checkpoints import CheckpointError, checkpoint_problem, layout_of
 
 logger = logging.getLogger(__name__)
@@ -157,6 +157,7 @@ def _atomic_torch_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def _atomic_safetensors_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    tmp.chmod(umask_file_mode())  # safetensors creates it 0o600 (see open_safetensors_modes)
     os.replace(tmp, path)
 
 
@@ -314,7 +315,6 @@ class LLaVATrainer(Trainer):
             _atomic_torch_save(projector, Path(output_dir) / STAGE1_PROJECTOR)
         else:
             _atomic_safetensors_save(projector, Path(output_dir) / NON_LORA_TRAINABLES)
-            open_safetensors_modes(output_dir)
         logger.info("Saved config.json and %d projector tensors to %s", len(projector), output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:

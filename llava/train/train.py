@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 from torch import nn
+from transformers.trainer_utils import IntervalStrategy
 from peft_dora.config import DORA_DROPOUT_MODES
 
 from llava import conversation as conversation_lib
@@ -94,7 +95,7 @@ class TrainingArguments(transformers.TrainingArguments):
                 raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             self.warmup_steps = self.warmup_ratio
         if self.evaluation_strategy is not None:
-            if str(self.eval_strategy) not in ("no", "IntervalStrategy.NO", str(self.evaluation_strategy)):
+            if IntervalStrategy(self.eval_strategy) not in (IntervalStrategy.NO, IntervalStrategy(self.evaluation_strategy)):
                 raise ValueError(f"--evaluation_strategy {self.evaluation_strategy} and --eval_strategy "
                                  f"{self.eval_strategy} disagree: give one (--evaluation_strategy is its old name).")
             self.eval_strategy = self.evaluation_strategy
