@@ -272,6 +272,27 @@ def test_resume_refuses_answers_made_with_other_dora_magnitudes(tmp_path):
     assert line["metadata"] == {"dora_magnitudes": "weight_norm"}
 
 
+def test_resume_refuses_answers_made_with_another_template_or_sampling(model_dir, vqa, clean_run, tmp_path):
+    # The recorded "prompt" is the bare question, the same under every template: only the recorded
+    # settings can tell a vicuna_v1 answer from a llava_v1 one.
+    answers = tmp_path / "answers.jsonl"
+    shutil.copy(clean_run, answers)
+    recorded = read_lines(answers)[0]["metadata"]
+    assert recorded["conv_mode"] == "vicuna_v1" and recorded["temperature"] == 0
+    assert recorded["max_new_tokens"] == int(MAX_NEW) and recorded["num_beams"] == 1 and recorded["top_p"] is None
+    argv = loader_argv(model_dir, vqa, answers, "--batch-size", "4")
+    with pytest.raises(ValueError, match=r"line 1: answered with conv_mode='vicuna_v1', but this run uses "
+                                         r"conv_mode='llava_v1'.*--fresh"):
+        model_vqa_loader.main([*argv, "--conv-mode", "llava_v1"])
+    with pytest.raises(ValueError, match=r"line 1: answered with max_new_tokens=.*max_new_tokens=64"):
+        model_vqa_loader.main([*argv, "--max_new_tokens", "64"])
+    assert answers.read_bytes() == clean_run.read_bytes()  # nothing was appended
+
+    old = {"question_id": 1, "prompt": "p1", "text": "x", "metadata": {}}  # written before the settings were recorded
+    answers.write_text(json.dumps(old) + "\n")
+    answers_file.check_run_settings(answers_file.read_answered(answers), {"conv_mode": "llava_v1"}, answers)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

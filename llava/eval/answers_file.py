@@ -30,6 +30,10 @@ AnswerKey = tuple[Any, Any]
 # Run settings recorded in each answer's "metadata" and checked on resume, with what a line written
 # before the setting was recorded stands for: the behaviour at the time, or None (unknown: not checked).
 RUN_FIELDS = {"dora_magnitudes": "trained", "checkpoint": None}
+# Settings that change the answers themselves but not the recorded "prompt" (the question, not the template):
+# checked where both the existing line and this run record them (lines written before they were recorded,
+# or by a caller that does not record them, are not checked).
+GENERATION_FIELDS = ("conv_mode", "temperature", "top_p", "num_beams", "max_new_tokens")
 FRESH_HINT = "or pass --fresh (7B_eval_dora.sh: FRESH=1) to move the old answers aside and answer again"
 
 
@@ -85,6 +89,14 @@ def check_run_settings(answered: dict[AnswerKey, list[dict[str, Any]]], run_info
     """Stop if any existing answer was made by another checkpoint or under other settings than ``run_info``."""
     for records in answered.values():
         for record in records:
+            metadata = record.get("metadata") or {}
+            for name in GENERATION_FIELDS:
+                if name in metadata and name in run_info and metadata[name] != run_info[name]:
+                    raise ValueError(
+                        f"Answers file {path}, line {record['_line']}: answered with {name}={metadata[name]!r}, but "
+                        f"this run uses {name}={run_info[name]!r}; answers of different settings must not be mixed. "
+                        f"Choose another --answers-file (7B_eval_dora.sh: another CKPT name or RESULTPATH), {FRESH_HINT}."
+                    )
             for name in RUN_FIELDS:
                 recorded, wanted = _recorded_setting(record, name, run_info), run_info.get(name)
                 if recorded is _UNKNOWN or recorded == wanted:

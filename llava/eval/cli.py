@@ -202,6 +202,10 @@ def answer_questions(
     if getattr(args, "fresh", False):
         answers_file.move_aside(Path(args.answers_file).expanduser())
     conv_mode = mmtag_conv_mode(args.conv_mode, loaded.name) if switch_plain_template else args.conv_mode
+    # The template and sampling flags shape every answer: recorded, so a resumed run cannot mix answers made
+    # under other ones (the recorded "prompt" is the bare question and would not tell them apart).
+    run_info = {**loaded.run_info, "conv_mode": conv_mode, "temperature": args.temperature, "top_p": args.top_p,
+                "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
     return gen.run_generation(
         build_requests(conv_mode, loaded.model.config),
         loaded.model,
@@ -212,5 +216,5 @@ def answer_questions(
         model_id=loaded.name,
         batch_size=args.batch_size,
         preprocessing=preprocessing,
-        run_info=loaded.run_info,
+        run_info=run_info,
     )
